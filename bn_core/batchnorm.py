@@ -1,0 +1,227 @@
+"""Batch Normalization from scratch: the forward pass and its hand-derived backward.
+
+Notation (Ioffe & Szegedy 2015, Algorithm 1), per channel c over the m values of a batch
+(m = N for (N, C) inputs, m = N*L or N*H*W for (N, C, L) / (N, C, H, W)):
+
+    mu      = 1/m sum_i x_i
+    var     = 1/m sum_i (x_i - mu)^2          biased; computed from centered values
+    inv_std = 1 / sqrt(var + eps)
+    x_hat_i = (x_i - mu) * inv_std
+    y_i     = gamma * x_hat_i + beta
+
+The backward pass is derived by hand, not left to autograd, and keeps only x_hat and
+inv_std from the forward pass (plus gamma, a parameter), the same as torch's fused kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["BatchNorm", "batch_norm_train"]
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    """y = gamma * (x - mu_B) / sqrt(var_B + eps) + beta with batch statistics."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, dims, eps, grad_through_stats):
+        mu = x.mean(dims, keepdim=True)
+        x_hat = x - mu
+        # Centered two-pass variance: E[x^2] - E[x]^2 cancels catastrophically in
+        # float32 when |mean| >> std and can go negative (then sqrt gives NaN).
+        var = x_hat.square().mean(dims, keepdim=True)
+        inv_std = (var + eps).rsqrt_()
+        x_hat.mul_(inv_std)  # x_hat is our own temporary: scale it in place
+        y = x_hat if gamma is None else torch.addcmul(beta, x_hat, gamma)
+        ctx.save_for_backward(x_hat, inv_std, gamma)
+        ctx.dims = dims
+        ctx.grad_through_stats = grad_through_stats
+        ctx.mark_non_differentiable(mu, var)
+        return y, mu, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmu, _dvar):
+        x_hat, inv_std, gamma = ctx.saved_tensors
+        dims = ctx.dims
+        dgamma = dbeta = None
+        if gamma is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            # dL/dgamma = sum_i dy_i * x_hat_i ;  dL/dbeta = sum_i dy_i
+            dbeta = dy.sum(dims, keepdim=True)
+            dgamma = (dy * x_hat).sum(dims, keepdim=True)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            scale = inv_std if gamma is None else gamma * inv_std
+            if not ctx.grad_through_stats:
+                # Naive gradient (section 2 of the paper): mu and var held constant,
+                #   dL/dx_i = gamma * inv_std * dy_i
+                dx = dy * scale
+            else:
+                # Through the statistics, with g_i = dL/dx_hat_i = gamma * dy_i:
+                #   dL/dx_i = inv_std * (g_i - mean(g) - x_hat_i * mean(g * x_hat))
+                #           = gamma * inv_std * (dy_i - mean(dy) - x_hat_i * mean(dy * x_hat))
+                if dbeta is None:
+                    dbeta = dy.sum(dims, keepdim=True)
+                    dgamma = (dy * x_hat).sum(dims, keepdim=True)
+                m = dy.numel() // dbeta.numel()
+                dx = dy - dbeta / m
+                dx.addcmul_(x_hat, dgamma, value=-1.0 / m)
+                dx.mul_(scale)
+        if gamma is None:
+            return dx, None, None, None, None, None
+        # Only a gradient that was asked for is returned as one.
+        dgamma = dgamma if ctx.needs_input_grad[1] else None
+        dbeta = dbeta if ctx.needs_input_grad[2] else None
+        return dx, dgamma, dbeta, None, None, None
+
+
+def batch_norm_train(
+    x: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    eps: float = 1e-5,
+    grad_through_stats: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalize x of shape (N, C, *) with its batch statistics; returns (y, mu_B, var_B)."""
+    dims = (0,) if x.dim() == 2 else (0, *range(2, x.dim()))
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if gamma is not None:
+        gamma, beta = gamma.view(shape), beta.view(shape)
+    y, mu, var = _BatchNormTrain.apply(x, gamma, beta, dims, eps, grad_through_stats)
+    return y, mu.reshape(-1), var.reshape(-1)
+
+
+class BatchNorm(nn.Module):
+    """Batch Normalization over (N, C), (N, C, L) or (N, C, H, W) inputs.
+
+    A drop-in for torch.nn.BatchNorm1d/2d: same arguments, same running-statistics
+    contract, same state_dict. ``grad_through_stats=False`` gives the naive gradient that
+    treats mu_B and var_B as constants (Ioffe & Szegedy section 2).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        grad_through_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features = {num_features!r}: must be an integer >= 1")
+        if not eps > 0:
+            raise ValueError(f"eps = {eps!r}: must be > 0")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum = {momentum!r}: must be in [0, 1] or None")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.grad_through_stats = grad_through_stats
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, device=device),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    # Teaching names for the affine parameters; the state_dict keeps torch's names.
+    @property
+    def gamma(self) -> nn.Parameter | None:
+        return self.weight
+
+    @property
+    def beta(self) -> nn.Parameter | None:
+        return self.bias
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() not in (2, 3, 4):
+            raise ValueError(
+                f"BatchNorm input has shape {tuple(x.shape)}: expected (N, C), (N, C, L) "
+                f"or (N, C, H, W) with C = {self.num_features}"
+            )
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"BatchNorm input has shape {tuple(x.shape)}: expected C = "
+                f"{self.num_features} channels in dimension 1, got {x.shape[1]}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"BatchNorm input has dtype {x.dtype}: expected a floating-point tensor "
+                "(float16, bfloat16, float32 or float64)"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        use_batch_stats = self.training or not self.track_running_stats
+        if not use_batch_stats:
+            # Inference: a fixed affine map from the population (running) statistics.
+            scale = (self.running_var + self.eps).rsqrt()
+            if self.affine:
+                scale = scale * self.weight
+            shift = -self.running_mean * scale
+            if self.affine:
+                shift = shift + self.bias
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            return torch.addcmul(shift.view(shape), x, scale.view(shape))
+
+        values_per_channel = x.numel() // self.num_features
+        if values_per_channel < 2:
+            raise ValueError(
+                f"BatchNorm input has shape {tuple(x.shape)}: training mode needs more than "
+                "one value per channel, because the variance of a single value is 0 and "
+                "normalizing it divides by sqrt(eps). Use a batch of at least 2, or .eval()."
+            )
+        y, mu, var = batch_norm_train(x, self.weight, self.bias, self.eps, self.grad_through_stats)
+        if self.training and self.track_running_stats:
+            self._update_running_stats(mu, var, values_per_channel)
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, mu: torch.Tensor, var: torch.Tensor, m: int) -> None:
+        # PyTorch's contract: running = (1 - f) * running + f * batch, with f = momentum,
+        # or f = 1 / num_batches_tracked (a cumulative average) when momentum is None.
+        # running_var takes the unbiased batch variance, m / (m - 1) * var_B.
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            factor = 1.0 / float(self.num_batches_tracked)
+        else:
+            factor = self.momentum
+        self.running_mean.lerp_(mu.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_((var * (m / (m - 1))).to(self.running_var.dtype), factor)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+            f"grad_through_stats={self.grad_through_stats}"
+        )
