@@ -1,0 +1,342 @@
+"""RunConfig: the one serializable description of a run, validated in one place.
+
+Every door into a run (Python API, CLI flags, JSON files, presets, the app's widgets and
+URL) goes through ``RunConfig.from_dict`` or ``RunConfig.replace``, so a bad value always
+gets the same message: ``field = value: allowed ...``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "NORMS",
+    "PRESET_DIR",
+    "ConfigError",
+    "FieldSpec",
+    "FIELDS",
+    "LIVE_FIELDS",
+    "RunConfig",
+    "VariantSpec",
+    "list_presets",
+    "load_preset",
+]
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "assets" / "presets"
+
+# Normalization kinds a variant can use, with what each one is for.
+NORMS: dict[str, str] = {
+    "none": "no normalization (the plain net)",
+    "batchnorm": "our BatchNorm, gradient through the batch statistics",
+    "batchnorm-naive": "our BatchNorm, batch statistics held constant in the gradient",
+    "batchnorm-torch": "torch.nn.BatchNorm1d/2d, as a reference line",
+}
+# A variant may be written as a bare name; these names imply their normalization.
+_SHORTHAND = {"plain": "none", **{k: k for k in NORMS if k != "none"}}
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,31}$")
+
+
+class ConfigError(ValueError):
+    """A config value outside what is allowed; names the field, the value and the rule."""
+
+    def __init__(self, field_name: str, value: Any, allowed: str) -> None:
+        self.field = field_name
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{field_name} = {_show(value)}: {allowed}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """How one config field is typed, bounded and explained."""
+
+    kind: type  # int, float, str or bool
+    help: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] | None = None
+    nullable: bool = False
+    low_open: bool = False  # low itself not allowed
+
+    def allowed(self) -> str:
+        if self.choices is not None:
+            return "allowed: " + ", ".join(self.choices)
+        if self.kind is bool:
+            return "allowed: true or false"
+        kind = "an integer" if self.kind is int else "a number"
+        lo = "(" if self.low_open else "["
+        rule = f"allowed: {kind} in {lo}{_num(self.low)}, {_num(self.high)}]"
+        return rule + (" or null" if self.nullable else "")
+
+    def check(self, name: str, value: Any) -> Any:
+        if value is None:
+            if self.nullable:
+                return None
+            raise ConfigError(name, value, self.allowed())
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(name, value, self.allowed())
+            return value
+        if self.kind is str:
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                raise ConfigError(name, value, self.allowed())
+            return value
+        # Numbers: bool is an int subclass in Python but never a valid number here.
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(name, value, self.allowed())
+        if self.kind is int:
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ConfigError(name, value, self.allowed())
+                value = int(value)
+        else:
+            value = float(value)
+            if not math.isfinite(value):
+                raise ConfigError(name, value, self.allowed())
+        too_low = self.low is not None and (
+            value <= self.low if self.low_open else value < self.low
+        )
+        if too_low or (self.high is not None and value > self.high):
+            raise ConfigError(name, value, self.allowed())
+        return value
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "inf"
+    if float(x).is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    return f"{x:g}"
+
+
+FIELDS: dict[str, FieldSpec] = {
+    # data
+    "dataset": FieldSpec(
+        str,
+        "data set",
+        choices=("digits", "moons", "circles", "spirals", "blobs", "mnist", "fashion-mnist"),
+    ),
+    "noise": FieldSpec(float, "noise of the 2-D toy sets", 0.0, 1.0),
+    "seed": FieldSpec(int, "seed for data split, init and batch order", 0, 2**31 - 1),
+    # model
+    "model": FieldSpec(str, "architecture", choices=("mlp", "lenet")),
+    "depth": FieldSpec(int, "hidden layers of the MLP", 1, 8),
+    "width": FieldSpec(int, "units per hidden layer of the MLP", 4, 512),
+    "activation": FieldSpec(str, "nonlinearity", choices=("sigmoid", "tanh", "relu")),
+    "init": FieldSpec(str, "weight init", choices=("gaussian", "xavier", "kaiming")),
+    "init_std": FieldSpec(float, "std of the small-Gaussian init", 0.0, 10.0, low_open=True),
+    "placement": FieldSpec(str, "BN relative to the nonlinearity", choices=("before", "after")),
+    "keep_bias": FieldSpec(bool, "keep the linear bias in front of BN"),
+    # training
+    "batch_size": FieldSpec(int, "examples per step", 1, 4096),
+    "steps": FieldSpec(int, "length of the run in steps", 1, 10_000_000),
+    "optimizer": FieldSpec(str, "optimizer", choices=("sgd", "adam")),
+    "lr": FieldSpec(float, "learning rate", 1e-5, 10.0),
+    "momentum": FieldSpec(float, "SGD momentum", 0.0, 0.99),
+    "bn_momentum": FieldSpec(float, "BN running-stat momentum", 0.001, 1.0, nullable=True),
+    "device": FieldSpec(str, "where to train", choices=("auto", "cpu", "cuda", "mps")),
+    # telemetry
+    "telemetry_every": FieldSpec(int, "steps between probe measurements", 1, 100_000),
+    "eval_every": FieldSpec(int, "steps between test-set evaluations", 1, 1_000_000),
+    "probe_size": FieldSpec(int, "examples in the fixed probe batch", 2, 10_000),
+    "probe_unit": FieldSpec(int, "the unit whose input Fig. 1 follows", 0, 511),
+    "hist_bins": FieldSpec(int, "histogram bins", 10, 200),
+    "hist_range": FieldSpec(float, "histograms cover [-range, range]", 0.0, 100.0, low_open=True),
+    "saturation_threshold": FieldSpec(float, "saturation cut-off", 0.5, 1.0, low_open=True),
+    "max_points": FieldSpec(int, "points kept per series", 10, 100_000),
+    "max_histograms": FieldSpec(int, "histograms kept per layer", 10, 10_000),
+}
+LIVE_FIELDS = ("lr", "momentum", "bn_momentum")
+_TOP_LEVEL = set(FIELDS) | {"variants"}
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One model of a run: a name, its normalization and an optional learning-rate override."""
+
+    name: str
+    norm: str
+    lr: float | None = None
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> VariantSpec:
+        if isinstance(raw, VariantSpec):
+            raw = dataclasses.asdict(raw)
+        if isinstance(raw, str):
+            if raw not in _SHORTHAND:
+                allowed = "allowed: " + ", ".join(_SHORTHAND) + ", or an object {name, norm, lr}"
+                raise ConfigError(where, raw, allowed)
+            return cls(raw, _SHORTHAND[raw])
+        if not isinstance(raw, Mapping):
+            raise ConfigError(where, raw, "allowed: a variant name or an object {name, norm, lr}")
+        unknown = set(raw) - {"name", "norm", "lr"}
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ConfigError(f"{where}.{key}", raw[key], "unknown key; allowed: name, norm, lr")
+        name = raw.get("name")
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ConfigError(
+                f"{where}.name", name, "allowed: 1-32 characters of a-z, 0-9, '_', '-', '.'"
+            )
+        norm = raw.get("norm", _SHORTHAND.get(name))
+        if norm not in NORMS:
+            raise ConfigError(f"{where}.norm", norm, "allowed: " + ", ".join(NORMS))
+        lr = FIELDS["lr"].check(f"{where}.lr", raw["lr"]) if raw.get("lr") is not None else None
+        return cls(name, norm, lr)
+
+    @property
+    def uses_bn(self) -> bool:
+        return self.norm != "none"
+
+
+_DEFAULT_VARIANTS = (VariantSpec("plain", "none"), VariantSpec("batchnorm", "batchnorm"))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run. Defaults are Ioffe & Szegedy's Fig. 1 set-up on digits."""
+
+    dataset: str = "digits"
+    noise: float = 0.1
+    seed: int = 0
+    model: str = "mlp"
+    depth: int = 3
+    width: int = 100
+    activation: str = "sigmoid"
+    init: str = "gaussian"
+    init_std: float = 0.1
+    placement: str = "before"
+    keep_bias: bool = False
+    variants: tuple[VariantSpec, ...] = field(default=_DEFAULT_VARIANTS)
+    batch_size: int = 60
+    steps: int = 50_000
+    optimizer: str = "sgd"
+    lr: float = 0.5
+    momentum: float = 0.0
+    bn_momentum: float | None = 0.1
+    device: str = "auto"
+    telemetry_every: int = 10
+    eval_every: int = 100
+    probe_size: int = 300
+    probe_unit: int = 0
+    hist_bins: int = 60
+    hist_range: float = 8.0
+    saturation_threshold: float = 0.97
+    max_points: int = 1000
+    max_histograms: int = 200
+
+    def __post_init__(self) -> None:
+        for name, spec in FIELDS.items():
+            object.__setattr__(self, name, spec.check(name, getattr(self, name)))
+        object.__setattr__(self, "variants", _parse_variants(self.variants))
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        if self.batch_size < 2 and any(v.uses_bn for v in self.variants):
+            raise ConfigError(
+                "batch_size",
+                self.batch_size,
+                "allowed: at least 2 when a variant uses BatchNorm (the variance of one "
+                "example is 0)",
+            )
+        if self.model == "mlp" and self.probe_unit >= self.width:
+            raise ConfigError(
+                "probe_unit", self.probe_unit, f"allowed: an integer in [0, {self.width - 1}]"
+            )
+        if self.model == "lenet" and self.probe_unit >= 6:
+            raise ConfigError(
+                "probe_unit",
+                self.probe_unit,
+                "allowed: an integer in [0, 5] (LeNet's first layer has 6 channels)",
+            )
+        if self.model == "lenet" and self.dataset not in ("digits", "mnist", "fashion-mnist"):
+            raise ConfigError(
+                "dataset",
+                self.dataset,
+                "allowed with model = 'lenet': digits, mnist, fashion-mnist (images)",
+            )
+
+    # --- conversions -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any) -> RunConfig:
+        """Validate a JSON-like mapping; unknown keys are an error, missing keys take defaults."""
+        if not isinstance(data, Mapping):
+            raise ConfigError("config", data, "allowed: a JSON object of config fields")
+        unknown = sorted(set(data) - _TOP_LEVEL, key=str)
+        if unknown:
+            key = unknown[0]
+            raise ConfigError(str(key), data[key], "unknown field; allowed: " + ", ".join(FIELDS))
+        return cls(**dict(data))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RunConfig:
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ConfigError("config", "<file>", f"not valid JSON ({err})") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["variants"] = [
+            {k: v for k, v in dataclasses.asdict(s).items() if v is not None} for s in self.variants
+        ]
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A validated copy with some fields changed (unknown names are an error)."""
+        return RunConfig.from_dict({**self.to_dict(), **changes})
+
+    def setup_differs(self, other: RunConfig) -> list[str]:
+        """Fields other than the live ones that differ: changing these needs a reset."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [k for k in mine if k not in LIVE_FIELDS and mine[k] != theirs[k]]
+
+    def variant_lr(self, spec: VariantSpec) -> float:
+        return self.lr if spec.lr is None else spec.lr
+
+
+def _parse_variants(raw: Any) -> tuple[VariantSpec, ...]:
+    if isinstance(raw, str) or not isinstance(raw, list | tuple):
+        raise ConfigError("variants", raw, "allowed: a list of 1 to 8 variants")
+    if not 1 <= len(raw) <= 8:
+        raise ConfigError("variants", list(raw), "allowed: a list of 1 to 8 variants")
+    specs = tuple(VariantSpec.parse(v, f"variants[{i}]") for i, v in enumerate(raw))
+    names = [s.name for s in specs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise ConfigError("variants", names, f"allowed: distinct names ('{dup}' repeats)")
+    return specs
+
+
+# --- presets -----------------------------------------------------------------------------
+def list_presets(preset_dir: Path = PRESET_DIR) -> dict[str, dict[str, str]]:
+    """name -> {"title", "description"} for every preset file, sorted by name."""
+    out = {}
+    for path in sorted(preset_dir.glob("*.json")):
+        meta = json.loads(path.read_text())
+        out[path.stem] = {"title": meta["title"], "description": meta["description"]}
+    return out
+
+
+def load_preset(name: str, preset_dir: Path = PRESET_DIR) -> RunConfig:
+    path = preset_dir / f"{name}.json"
+    if not re.fullmatch(r"[a-z0-9\-]+", name) or not path.is_file():
+        names = ", ".join(list_presets(preset_dir)) or "(none found)"
+        raise ConfigError("preset", name, f"allowed: {names}")
+    return RunConfig.from_dict(json.loads(path.read_text())["config"])

@@ -1,0 +1,352 @@
+"""The nets a run trains: all variants of a run side by side, on the same batches.
+
+``LockstepMLP`` stacks the variants of an MLP run so every linear layer of every variant
+is one batched matmul: variants only differ in normalization and learning rate, never in
+shape. ``LockstepLeNet`` keeps one conv net per variant and loops.
+
+Both return logits of shape (V, N, classes) and, when asked, a ``LayerRecord`` per hidden
+layer with tensors of shape (V, N, ...), which is what the probes measure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bn_core.batchnorm import BatchNorm
+from bn_core.config import RunConfig, VariantSpec
+
+__all__ = ["LayerRecord", "LockstepLeNet", "LockstepMLP", "build_model", "make_norm"]
+
+ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
+
+
+@dataclass
+class LayerRecord:
+    """What one hidden layer computed, stacked over variants: (V, N, C[, H, W])."""
+
+    name: str
+    preact: torch.Tensor  # the nonlinearity's input
+    postact: torch.Tensor  # the nonlinearity's output
+    bn_input: torch.Tensor  # what the BN layer normalizes (before or after the nonlinearity)
+    output: torch.Tensor  # what the block hands to the next layer
+
+
+def make_norm(norm: str, features: int, dims: int, bn_momentum: float | None) -> nn.Module | None:
+    """The normalization layer a variant uses, or None for the plain net."""
+    if norm == "none":
+        return None
+    if norm == "batchnorm-torch":
+        cls = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
+        return cls(features, momentum=bn_momentum)
+    return BatchNorm(features, momentum=bn_momentum, grad_through_stats=(norm != "batchnorm-naive"))
+
+
+def _bias_kept(spec: VariantSpec, config: RunConfig) -> bool:
+    # BN right after a linear layer makes its bias redundant (beta takes its role,
+    # section 3.2), so it is dropped unless the run asks to keep it.
+    return not spec.uses_bn or config.placement == "after" or config.keep_bias
+
+
+def _init_weight(shape_in: int, shape_out: int, config: RunConfig, gen: torch.Generator):
+    if config.init == "gaussian":
+        return torch.randn(shape_in, shape_out, generator=gen) * config.init_std
+    if config.init == "xavier":
+        bound = math.sqrt(6.0 / (shape_in + shape_out))  # Glorot & Bengio's normalized init
+        return (torch.rand(shape_in, shape_out, generator=gen) * 2 - 1) * bound
+    return torch.randn(shape_in, shape_out, generator=gen) * math.sqrt(2.0 / shape_in)
+
+
+class _NormGroups(nn.Module):
+    """Applies each variant's normalization to its slice of a (V, N, C) activation.
+
+    Variants that share a normalization kind share one BN module over V_g * C features:
+    per-feature statistics over N are exactly per-variant, per-channel statistics.
+    """
+
+    def __init__(self, specs: tuple[VariantSpec, ...], width: int, bn_momentum: float | None):
+        super().__init__()
+        self.width = width
+        kinds = [s.norm for s in specs if s.uses_bn]
+        self.kinds = list(dict.fromkeys(kinds))
+        self.groups = nn.ModuleList()
+        order: list[int] = [i for i, s in enumerate(specs) if not s.uses_bn]
+        self.plain_index: list[int] = list(order)
+        self.group_index: list[list[int]] = []
+        for kind in self.kinds:
+            index = [i for i, s in enumerate(specs) if s.norm == kind]
+            self.group_index.append(index)
+            self.groups.append(make_norm(kind, len(index) * width, 1, bn_momentum))
+            order += index
+        self.identity_order = order == list(range(len(specs)))
+        self.register_buffer("inverse_order", torch.argsort(torch.tensor(order)), persistent=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.groups:
+            return h
+        V, N, C = h.shape
+        pieces = [h[self.plain_index]] if self.plain_index else []
+        for index, bn in zip(self.group_index, self.groups, strict=True):
+            part = h if len(index) == V else h[index]
+            g = len(index)
+            flat = part.permute(1, 0, 2).reshape(N, g * C)
+            pieces.append(bn(flat).reshape(N, g, C).permute(1, 0, 2))
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+        return out if self.identity_order else out[self.inverse_order]
+
+    def stats(self, variant: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(running_mean, running_var) of one variant, or None if it has no BN here."""
+        for index, bn in zip(self.group_index, self.groups, strict=True):
+            if variant in index and bn.running_mean is not None:
+                k = index.index(variant)
+                sl = slice(k * self.width, (k + 1) * self.width)
+                return bn.running_mean[sl], bn.running_var[sl]
+        return None
+
+    def affine(self, variant: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gamma, beta) of one variant, or None if it has no BN here."""
+        for index, bn in zip(self.group_index, self.groups, strict=True):
+            if variant in index:
+                k = index.index(variant)
+                sl = slice(k * self.width, (k + 1) * self.width)
+                return bn.weight[sl], bn.bias[sl]
+        return None
+
+
+class LockstepMLP(nn.Module):
+    """V MLPs of one shape, stacked: layer l's weights are one (V, in, out) tensor."""
+
+    def __init__(self, config: RunConfig, input_dim: int, num_classes: int) -> None:
+        super().__init__()
+        specs = config.variants
+        V, width = len(specs), config.width
+        gen = torch.Generator().manual_seed(config.seed)
+        self.activation = ACTIVATIONS[config.activation]
+        self.placement = config.placement
+        self.layer_names = [f"layer{i + 1}" for i in range(config.depth)]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.norms = nn.ModuleList()
+        # Bias of variants whose linear layer feeds BN directly is held at 0 by this mask.
+        mask = torch.tensor([float(_bias_kept(s, config)) for s in specs]).view(V, 1, 1)
+        self.register_buffer("bias_mask", mask, persistent=False)
+        fan_in = input_dim
+        for _ in range(config.depth):
+            # Every variant starts from the same weights: a fair side-by-side comparison.
+            w = _init_weight(fan_in, width, config, gen)
+            self.weights.append(nn.Parameter(w.expand(V, -1, -1).clone()))
+            self.biases.append(nn.Parameter(torch.zeros(V, 1, width)))
+            self.norms.append(_NormGroups(specs, width, config.bn_momentum))
+            fan_in = width
+        w = _init_weight(fan_in, num_classes, config, gen)
+        self.out_weight = nn.Parameter(w.expand(V, -1, -1).clone())
+        self.out_bias = nn.Parameter(torch.zeros(V, 1, num_classes))
+
+    def forward(
+        self, x: torch.Tensor, record: bool = False
+    ) -> tuple[torch.Tensor, list[LayerRecord]]:
+        """x: (N, d) shared by all variants; returns logits (V, N, classes) and records."""
+        V = self.out_weight.shape[0]
+        h = x.unsqueeze(0).expand(V, -1, -1)
+        records: list[LayerRecord] = []
+        for name, W, b, norm in zip(
+            self.layer_names, self.weights, self.biases, self.norms, strict=True
+        ):
+            z = torch.baddbmm(b * self.bias_mask, h, W)
+            if self.placement == "before":
+                preact = norm(z)
+                h = post = self.activation(preact)
+                bn_input = z
+            else:
+                preact = z
+                post = self.activation(z)
+                h = norm(post)
+                bn_input = post
+            if record:
+                records.append(LayerRecord(name, preact, post, bn_input, h))
+        return torch.baddbmm(self.out_bias, h, self.out_weight), records
+
+    def hidden_weights(self, variant: int) -> list[tuple[str, torch.Tensor]]:
+        return [(n, W[variant]) for n, W in zip(self.layer_names, self.weights, strict=True)]
+
+    def weight_grads(self, variant: int) -> list[torch.Tensor | None]:
+        return [None if W.grad is None else W.grad[variant] for W in self.weights]
+
+    def bn_running_stats(self, variant: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        return [norm.stats(variant) for norm in self.norms]
+
+    def bias_vectors(self, variant: int) -> list[torch.Tensor]:
+        """Each hidden layer's linear bias of one variant (zeros where BN dropped it)."""
+        return [(b * self.bias_mask)[variant, 0] for b in self.biases]
+
+    def variant_index_of(self, param: torch.Tensor) -> torch.Tensor:
+        """Which variant each element of a parameter belongs to (for per-variant lr)."""
+        return _variant_index(self, param)
+
+    def to_sequential(self, variant: int) -> nn.Sequential:
+        """One variant as a plain torch Sequential of Linear/BN/activation (same numbers)."""
+        layers: list[nn.Module] = []
+        act = {torch.sigmoid: nn.Sigmoid, torch.tanh: nn.Tanh, torch.relu: nn.ReLU}
+        for W, b, norm in zip(self.weights, self.biases, self.norms, strict=True):
+            keep = bool(self.bias_mask[variant, 0, 0])
+            lin = nn.Linear(W.shape[1], W.shape[2], bias=keep)
+            with torch.no_grad():
+                lin.weight.copy_(W[variant].T)
+                if keep:
+                    lin.bias.copy_(b[variant, 0])
+            block: list[nn.Module] = [lin]
+            bn = _extract_bn(norm, variant)
+            act_mod = act[self.activation]()
+            block += [bn, act_mod] if self.placement == "before" else [act_mod, bn]
+            layers += [m for m in block if m is not None]
+        out = nn.Linear(self.out_weight.shape[1], self.out_weight.shape[2])
+        with torch.no_grad():
+            out.weight.copy_(self.out_weight[variant].T)
+            out.bias.copy_(self.out_bias[variant, 0])
+        return nn.Sequential(*layers, out)
+
+
+def _extract_bn(norm: _NormGroups, variant: int) -> nn.Module | None:
+    for index, kind, bn in zip(norm.group_index, norm.kinds, norm.groups, strict=True):
+        if variant in index:
+            single = make_norm(kind, norm.width, 1, bn.momentum)
+            k = index.index(variant)
+            sl = slice(k * norm.width, (k + 1) * norm.width)
+            with torch.no_grad():
+                single.weight.copy_(bn.weight[sl])
+                single.bias.copy_(bn.bias[sl])
+                single.running_mean.copy_(bn.running_mean[sl])
+                single.running_var.copy_(bn.running_var[sl])
+                single.num_batches_tracked.copy_(bn.num_batches_tracked)
+            return single
+    return None
+
+
+def _variant_index(model: nn.Module, param: torch.Tensor) -> torch.Tensor:
+    for norm in model.modules():
+        if isinstance(norm, _NormGroups):
+            for index, bn in zip(norm.group_index, norm.groups, strict=True):
+                if param is bn.weight or param is bn.bias:
+                    return torch.tensor(index).repeat_interleave(norm.width)
+    return torch.arange(param.shape[0]).view(-1, *([1] * (param.dim() - 1)))
+
+
+class _LeNet(nn.Module):
+    """conv(6,5)-N-act-pool, conv(16,5)-N-act-pool, fc120-N-act, fc84-N-act, fc10."""
+
+    def __init__(self, spec: VariantSpec, config: RunConfig, side: int, num_classes: int):
+        super().__init__()
+        # 28x28: conv1 pads by 2 (LeNet-5's 32x32 input), conv2 runs unpadded: 16*5*5 = 400.
+        # 8x8 digits: both convolutions pad by 2 so the 5x5 kernels fit: 16*2*2 = 64.
+        pad2 = 0 if side >= 20 else 2
+        side2 = (side // 2 + 2 * pad2 - 4) // 2
+        bias = _bias_kept(spec, config)
+        m = config.bn_momentum
+        self.layer_names = ["conv1", "conv2", "fc1", "fc2"]
+        self.linears = nn.ModuleList(
+            [
+                nn.Conv2d(1, 6, 5, padding=2, bias=bias),
+                nn.Conv2d(6, 16, 5, padding=pad2, bias=bias),
+                nn.Linear(16 * side2 * side2, 120, bias=bias),
+                nn.Linear(120, 84, bias=bias),
+            ]
+        )
+        self.norms = nn.ModuleList(
+            [
+                make_norm(spec.norm, 6, 2, m) or nn.Identity(),
+                make_norm(spec.norm, 16, 2, m) or nn.Identity(),
+                make_norm(spec.norm, 120, 1, m) or nn.Identity(),
+                make_norm(spec.norm, 84, 1, m) or nn.Identity(),
+            ]
+        )
+        self.head = nn.Linear(84, num_classes)
+        self.activation = ACTIVATIONS[config.activation]
+        self.placement = config.placement
+        self.side = side
+
+    def forward(self, x: torch.Tensor, record: bool):
+        h = x.view(-1, 1, self.side, self.side)
+        records = []
+        for i, (name, lin, norm) in enumerate(
+            zip(self.layer_names, self.linears, self.norms, strict=True)
+        ):
+            if i == 2:
+                h = h.flatten(1)
+            z = lin(h)
+            if self.placement == "before":
+                preact = norm(z)
+                post = out = self.activation(preact)
+                bn_input = z
+            else:
+                preact = z
+                post = self.activation(z)
+                out = norm(post)
+                bn_input = post
+            h = F.max_pool2d(out, 2) if i < 2 else out
+            if record:
+                records.append((name, preact, post, bn_input, out))
+        return self.head(h), records
+
+
+class LockstepLeNet(nn.Module):
+    """One LeNet-style conv net per variant, all started from the same weights."""
+
+    def __init__(self, config: RunConfig, side: int, num_classes: int) -> None:
+        super().__init__()
+        nets = []
+        for spec in config.variants:
+            torch.manual_seed(config.seed)  # same init for every variant
+            nets.append(_LeNet(spec, config, side, num_classes))
+        self.nets = nn.ModuleList(nets)
+        self.layer_names = nets[0].layer_names
+
+    def forward(self, x: torch.Tensor, record: bool = False):
+        outs, recs = zip(*(net(x, record) for net in self.nets), strict=True)
+        records = []
+        if record:
+            for k, name in enumerate(self.layer_names):
+                cols = [torch.stack([r[k][j] for r in recs]) for j in range(1, 5)]
+                records.append(LayerRecord(name, *cols))
+        return torch.stack(outs), records
+
+    def hidden_weights(self, variant: int) -> list[tuple[str, torch.Tensor]]:
+        net = self.nets[variant]
+        return [(n, m.weight) for n, m in zip(net.layer_names, net.linears, strict=True)]
+
+    def weight_grads(self, variant: int) -> list[torch.Tensor | None]:
+        return [m.weight.grad for m in self.nets[variant].linears]
+
+    def bn_running_stats(self, variant: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        return [
+            (n.running_mean, n.running_var)
+            if getattr(n, "running_mean", None) is not None
+            else None
+            for n in self.nets[variant].norms
+        ]
+
+    def bias_vectors(self, variant: int) -> list[torch.Tensor]:
+        out = []
+        for m in self.nets[variant].linears:
+            out.append(m.bias.detach() if m.bias is not None else torch.zeros(m.weight.shape[0]))
+        return out
+
+    def variant_index_of(self, param: torch.Tensor) -> torch.Tensor:
+        for v, net in enumerate(self.nets):
+            if any(param is p for p in net.parameters()):
+                return torch.full((1,) * param.dim(), v)
+        raise KeyError("parameter not in this model")
+
+
+def build_model(
+    config: RunConfig, input_dim: int, num_classes: int, image_shape: tuple[int, int] | None
+) -> LockstepMLP | LockstepLeNet:
+    """The lockstep model of a run, on the CPU (the trainer moves it)."""
+    if config.model == "lenet":
+        if image_shape is None or image_shape[0] != image_shape[1]:
+            raise ValueError(f"model = 'lenet' needs square images, got {image_shape}")
+        return LockstepLeNet(config, image_shape[0], num_classes)
+    return LockstepMLP(config, input_dim, num_classes)

@@ -1,0 +1,82 @@
+"""What is measured at a logged step, computed for all variants and layers at once.
+
+The measures work on stacked rows (one row per variant x layer) so a logged step costs a
+few tensor ops however many variants a run has, and its numbers reach the host in one copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "BAND_PERCENTILES",
+    "FIG1_PERCENTILES",
+    "histogram_rows",
+    "postact_range",
+    "quantiles_of_sorted",
+    "saturation_fraction",
+    "update_ratio",
+]
+
+# Ioffe & Szegedy Fig. 1 shows the 15th, 50th and 85th percentiles.
+FIG1_PERCENTILES = (15.0, 50.0, 85.0)
+# TensorBoard's distribution bands: min, the normal CDF at -1.5, -1, -0.5, 0, 0.5, 1, 1.5 sigma, max.
+BAND_PERCENTILES = (0.0, 6.68, 15.87, 30.85, 50.0, 69.15, 84.13, 93.32, 100.0)
+
+
+def quantiles_of_sorted(sorted_rows: torch.Tensor, percentiles: tuple[float, ...]) -> torch.Tensor:
+    """Percentiles of each row of an already sorted (rows, n) tensor.
+
+    Linear interpolation between closest ranks, the same rule as numpy.percentile's default.
+    """
+    n = sorted_rows.shape[-1]
+    pos = torch.tensor(percentiles, dtype=torch.float64) / 100.0 * (n - 1)
+    lo = pos.floor().long().clamp(0, n - 1)
+    hi = (lo + 1).clamp(max=n - 1)
+    frac = (pos - lo).to(sorted_rows.dtype).to(sorted_rows.device)
+    lo, hi = lo.to(sorted_rows.device), hi.to(sorted_rows.device)
+    a, b = sorted_rows[..., lo], sorted_rows[..., hi]
+    return a + (b - a) * frac
+
+
+def histogram_rows(rows: torch.Tensor, low: float, high: float, bins: int) -> torch.Tensor:
+    """Counts of each row of (rows, n) over `bins` equal bins on [low, high].
+
+    Values outside the range are counted in the first or last bin, so no mass is lost; the
+    fraction outside is reported separately as `preact_clipped`.
+    """
+    r = rows.shape[0]
+    scaled = (rows - low) * (bins / (high - low))
+    index = scaled.nan_to_num(nan=0.0).floor().clamp_(0, bins - 1).long()
+    index += torch.arange(r, device=rows.device).unsqueeze(1) * bins
+    return torch.bincount(index.flatten(), minlength=r * bins).view(r, bins)
+
+
+def postact_range(activation: str, hist_range: float) -> tuple[float, float]:
+    """The range the nonlinearity's output can take (clipped for ReLU)."""
+    return {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}.get(activation, (0.0, hist_range))
+
+
+def saturation_fraction(post: torch.Tensor, activation: str, threshold: float) -> torch.Tensor:
+    """Per row of post-activations (rows, N, C, ...): the saturated share.
+
+    sigmoid: output < 1 - threshold or > threshold (0.03 / 0.97 by default);
+    tanh: |output| > threshold; relu: share of units that output 0 for every probe example.
+    """
+    rows = post.shape[0]
+    if activation == "sigmoid":
+        sat = (post < 1.0 - threshold) | (post > threshold)
+        return sat.reshape(rows, -1).float().mean(1)
+    if activation == "tanh":
+        return (post.abs() > threshold).reshape(rows, -1).float().mean(1)
+    # A ReLU unit (a channel for conv layers) is dead when no example activates it.
+    per_unit = post.transpose(1, 2).reshape(rows, post.shape[2], -1)
+    return (per_unit.amax(-1) <= 0).float().mean(1)
+
+
+def update_ratio(lr: float, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """log10(std(lr * grad) / std(W)): about -3 is a healthy step size."""
+    ratio = (lr * grad).std() / weight.std()
+    return torch.log10(ratio) if lr > 0 else torch.tensor(-math.inf, device=grad.device)

@@ -1,0 +1,447 @@
+"""Trainer: all variants of a run step in lockstep on the same batches, and are measured.
+
+A UI interleaves ``advance(seconds=0.15)`` with drawing; the CLI calls ``advance(steps=n)``.
+Learning rate, SGD momentum and BN momentum change between steps through ``set_live``,
+and each change is recorded as an event in the history.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bn_core.config import FIELDS, LIVE_FIELDS, ConfigError, RunConfig
+from bn_core.data import Dataset, load_dataset
+from bn_core.history import Event, History
+from bn_core.models import LayerRecord, build_model
+from bn_core.probes import (
+    BAND_PERCENTILES,
+    FIG1_PERCENTILES,
+    histogram_rows,
+    postact_range,
+    quantiles_of_sorted,
+    saturation_fraction,
+    update_ratio,
+)
+
+__all__ = ["DeviceUnavailable", "Trainer", "VariantStatus", "resolve_device"]
+
+_EVAL_CHUNK = 4096
+_STATS_EXAMPLES = 2048  # train examples used as "the training set" for running-stat error
+
+
+class DeviceUnavailable(ConfigError):
+    """The requested device does not exist on this machine."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; an explicit device must exist."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if has_mps else torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable(
+            "device", name, "no CUDA GPU is visible to PyTorch here; allowed: auto, cpu"
+        )
+    if name == "mps" and not has_mps:
+        raise DeviceUnavailable(
+            "device", name, "Apple's MPS backend is not available here; allowed: auto, cpu"
+        )
+    return torch.device(name)
+
+
+@dataclass
+class VariantStatus:
+    name: str
+    state: str = "running"  # running | diverged | finished
+    diverged_at: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.state == "diverged":
+            return f"diverged at step {self.diverged_at}"
+        return self.state
+
+
+class _LockstepOptimizer:
+    """SGD with momentum (or Adam) where every variant has its own learning rate.
+
+    Parameters are stacked over variants, so the learning rate is a tensor shaped like
+    each parameter, looked up from the variant each element belongs to.
+    """
+
+    def __init__(self, model, kind: str, lrs: list[float], momentum: float) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.owner = [model.variant_index_of(p).to(p.device) for p in self.params]
+        self.kind = kind
+        self.momentum = momentum
+        self.state = [torch.zeros_like(p) for p in self.params]
+        self.state2 = [torch.zeros_like(p) for p in self.params] if kind == "adam" else None
+        self.t = 0
+        self.set_lrs(lrs)
+
+    def set_lrs(self, lrs: list[float]) -> None:
+        self.lrs = list(lrs)
+        dev = self.params[0].device
+        table = torch.tensor(lrs, dtype=self.params[0].dtype, device=dev)
+        self.lr_of = [table[o] for o in self.owner]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                continue
+            if self.kind == "sgd":
+                # PyTorch's SGD: buf = momentum * buf + g ; p -= lr * buf
+                buf = self.state[i]
+                buf.mul_(self.momentum).add_(g)
+                p.addcmul_(self.lr_of[i], buf, value=-1.0)
+            else:
+                # Adam (Kingma & Ba) with beta1 = momentum-free defaults 0.9, 0.999.
+                m, v = self.state[i], self.state2[i]
+                m.lerp_(g, 0.1)
+                v.mul_(0.999).addcmul_(g, g, value=0.001)
+                m_hat = m / (1 - 0.9**self.t)
+                v_hat = v / (1 - 0.999**self.t)
+                p.addcmul_(self.lr_of[i], m_hat / (v_hat.sqrt_() + 1e-8), value=-1.0)
+
+
+class Trainer:
+    """Trains a run's variants in lockstep and records their telemetry in a History."""
+
+    def __init__(self, config: RunConfig, dataset: Dataset | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        if dataset is None:
+            dataset = load_dataset(
+                config.dataset, seed=config.seed, noise=config.noise, probe_size=config.probe_size
+            )
+        self.dataset = dataset
+        dev = self.device
+        self.x_train = dataset.x_train.to(dev)
+        self.y_train = dataset.y_train.to(dev)
+        self.x_test = dataset.x_test.to(dev)
+        self.y_test = dataset.y_test.to(dev)
+        self.x_probe = dataset.x_probe.to(dev)
+        self.x_stats = dataset.x_train[:_STATS_EXAMPLES].to(dev)
+        if config.batch_size > self.x_train.shape[0]:
+            raise ConfigError(
+                "batch_size",
+                config.batch_size,
+                f"allowed: at most {self.x_train.shape[0]}, the training examples of "
+                f"{config.dataset}",
+            )
+        torch.manual_seed(config.seed)
+        self.model = build_model(
+            config, dataset.input_dim, dataset.num_classes, dataset.image_shape
+        ).to(dev)
+        self.variant_names = [v.name for v in config.variants]
+        self.live = {name: getattr(config, name) for name in LIVE_FIELDS}
+        self.status = [VariantStatus(n) for n in self.variant_names]
+        self.optimizer = _LockstepOptimizer(
+            self.model, config.optimizer, self._lrs(), config.momentum
+        )
+        self.history = History(config.max_points, config.max_histograms)
+        lo, hi = postact_range(config.activation, config.hist_range)
+        bins = config.hist_bins
+        self.history.set_bin_edges(
+            "preact", torch.linspace(-config.hist_range, config.hist_range, bins + 1).numpy()
+        )
+        self.history.set_bin_edges("postact", torch.linspace(lo, hi, bins + 1).numpy())
+        self.step = 0
+        self.steps_per_second = 0.0
+        self._batch_gen = torch.Generator().manual_seed(config.seed + 1)
+        self._order = torch.empty(0, dtype=torch.long)
+        self._cursor = 0
+        self._loss_sum = [0.0] * len(self.variant_names)
+        self._loss_count = 0
+        self._evaluate()
+
+    # --- public API ----------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.config.steps or not any(s.state == "running" for s in self.status)
+
+    def advance(self, steps: int | None = None, seconds: float | None = None) -> int:
+        """Train until `steps` more steps are done or `seconds` are spent; returns steps done."""
+        if steps is None and seconds is None:
+            raise ValueError("advance needs steps or seconds")
+        start = time.perf_counter()
+        done = 0
+        while not self.finished:
+            if steps is not None and done >= steps:
+                break
+            if seconds is not None and done > 0 and time.perf_counter() - start >= seconds:
+                break
+            self._train_step()
+            done += 1
+        elapsed = time.perf_counter() - start
+        if done and elapsed > 0:
+            rate = done / elapsed
+            self.steps_per_second = (
+                rate if not self.steps_per_second else 0.7 * self.steps_per_second + 0.3 * rate
+            )
+        if self.finished:
+            for s in self.status:
+                if s.state == "running":
+                    s.state = "finished"
+        return done
+
+    def set_live(self, **changes: float | None) -> list[Event]:
+        """Change lr, momentum or bn_momentum from the next step; returns the events."""
+        events = []
+        for name, value in changes.items():
+            if name not in LIVE_FIELDS:
+                raise ConfigError(name, value, "allowed live settings: " + ", ".join(LIVE_FIELDS))
+            value = FIELDS[name].check(name, value)
+            old = self.live[name]
+            if value == old:
+                continue
+            self.live[name] = value
+            if name == "lr":
+                self.optimizer.set_lrs(self._lrs())
+            elif name == "momentum":
+                self.optimizer.momentum = value
+            else:
+                for module in self.model.modules():
+                    if hasattr(module, "running_mean") and hasattr(module, "momentum"):
+                        module.momentum = value
+            events.append(
+                self.history.add_event(
+                    self.step,
+                    name,
+                    math.nan if old is None else old,
+                    math.nan if value is None else value,
+                )
+            )
+        return events
+
+    def status_line(self) -> str:
+        states = ", ".join(f"{s.name}: {s.label}" for s in self.status)
+        return f"step {self.step:,} · {self.steps_per_second:,.0f} steps/s · {self.device.type} · {states}"
+
+    # --- one step ------------------------------------------------------------------------
+    def _lrs(self) -> list[float]:
+        out = []
+        for spec, status in zip(self.config.variants, self.status, strict=True):
+            lr = self.live["lr"] if spec.lr is None else spec.lr
+            out.append(0.0 if status.state == "diverged" else lr)
+        return out
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n, b = self.x_train.shape[0], self.config.batch_size
+        if self._cursor + b > self._order.numel():
+            # A fresh seeded permutation per epoch; the last partial batch is dropped.
+            self._order = torch.randperm(n, generator=self._batch_gen)
+            self._cursor = 0
+        index = self._order[self._cursor : self._cursor + b].to(self.device)
+        self._cursor += b
+        return self.x_train[index], self.y_train[index]
+
+    def _train_step(self) -> None:
+        cfg = self.config
+        x, y = self._next_batch()
+        logging = self.step % cfg.telemetry_every == 0
+        self.model.train()
+        logits, records = self.model(x, record=logging)
+        if logging:
+            for r in records:
+                if r.output.requires_grad:
+                    r.output.retain_grad()
+        V, N, K = logits.shape
+        losses = (
+            F.cross_entropy(logits.reshape(V * N, K), y.repeat(V), reduction="none")
+            .view(V, N)
+            .mean(1)
+        )
+        self.optimizer.zero_grad()
+        losses.sum().backward()
+        loss_values = losses.detach().tolist()
+        for v, value in enumerate(loss_values):
+            if self.status[v].state == "running" and not math.isfinite(value):
+                self._mark_diverged(v)
+        if logging:
+            self._record_training_telemetry(loss_values, records)
+        else:
+            self._accumulate_loss(loss_values)
+        self.optimizer.step()
+        self.step += 1
+        if self.step % cfg.eval_every == 0 or self.step >= cfg.steps:
+            self._evaluate()
+
+    def _mark_diverged(self, v: int) -> None:
+        self.status[v].state = "diverged"
+        self.status[v].diverged_at = self.step
+        self.optimizer.set_lrs(self._lrs())  # a diverged variant stops moving
+
+    def _running(self) -> list[int]:
+        return [v for v, s in enumerate(self.status) if s.state == "running"]
+
+    def _accumulate_loss(self, loss_values: list[float]) -> None:
+        for v, value in enumerate(loss_values):
+            self._loss_sum[v] += value
+        self._loss_count += 1
+
+    # --- telemetry -----------------------------------------------------------------------
+    def _record_training_telemetry(self, loss_values: list[float], records: list[LayerRecord]):
+        """Loss over the window, gradient measures of this step, and a probe-batch pass."""
+        self._accumulate_loss(loss_values)
+        window = [s / self._loss_count for s in self._loss_sum]
+        self._loss_sum = [0.0] * len(window)
+        self._loss_count = 0
+        running = self._running()
+        rows: dict[int, list[tuple[str, str, float]]] = {v: [] for v in running}
+        scalars: list[torch.Tensor] = []
+        keys: list[tuple[int, str, str]] = []
+
+        def put(v: int, layer: str, metric: str, value: torch.Tensor) -> None:
+            keys.append((v, layer, metric))
+            scalars.append(value.detach().float().reshape(()))
+
+        for v in running:
+            rows[v].append(("", "loss", window[v]))
+            lr = self.optimizer.lrs[v]
+            grads = self.model.weight_grads(v)
+            for (name, W), g, rec in zip(self.model.hidden_weights(v), grads, records, strict=True):
+                if g is None:
+                    continue
+                put(v, name, "grad_norm", g.norm())
+                put(v, name, "update_ratio", update_ratio(lr, g, W))
+                out_grad = rec.output.grad
+                if out_grad is not None:
+                    put(v, name, "out_grad_norm", out_grad[v].norm())
+            for name, bias in zip(self.model.layer_names, self.model.bias_vectors(v), strict=True):
+                put(v, name, "bias_norm", bias.norm())
+        self._probe(running, put)
+        values = torch.stack(scalars).tolist() if scalars else []
+        for (v, layer, metric), value in zip(keys, values, strict=True):
+            rows[v].append((layer, metric, value))
+        for v in running:
+            self.history.add_many(self.step, self.variant_names[v], rows[v])
+
+    @torch.no_grad()
+    def _probe(self, running: list[int], put) -> None:
+        """Distributions on the fixed probe batch, BN using that batch's statistics.
+
+        Measuring on one fixed batch keeps batch-to-batch noise out of the curves, and the
+        BN buffers are restored so the measurement leaves training untouched.
+        """
+        cfg = self.config
+        saved = self._snapshot_buffers()
+        _, records = self.model(self.x_probe, record=True)
+        self._restore_buffers(saved)
+        if not running:
+            return
+        idx = torch.tensor(running, device=self.device)
+        preacts = torch.stack([r.preact[idx].reshape(len(running), -1) for r in records])
+        L, R, M = preacts.shape
+        flat = preacts.reshape(L * R, M)
+        sorted_rows = flat.sort(dim=1).values
+        fig1 = quantiles_of_sorted(sorted_rows, FIG1_PERCENTILES).view(L, R, -1)
+        bands = quantiles_of_sorted(sorted_rows, BAND_PERCENTILES).view(L, R, -1)
+        h = cfg.hist_range
+        pre_hist = histogram_rows(flat, -h, h, cfg.hist_bins).view(L, R, -1)
+        clipped = (flat.abs() > h).float().mean(1).view(L, R)
+        lo, hi = postact_range(cfg.activation, h)
+        posts = torch.stack([r.postact[idx].reshape(len(running), -1) for r in records])
+        post_hist = histogram_rows(posts.reshape(L * R, -1), lo, hi, cfg.hist_bins).view(L, R, -1)
+        pre_mean, pre_std = flat.mean(1).view(L, R), flat.std(1).view(L, R)
+        hist_rows = []
+        for li, rec in enumerate(records):
+            name = rec.name
+            sat = saturation_fraction(rec.postact[idx], cfg.activation, cfg.saturation_threshold)
+            # One unit (one channel of a conv layer), as Fig. 1 follows one sigmoid.
+            unit = rec.preact[idx][:, :, cfg.probe_unit].reshape(len(running), -1)
+            unit_q = quantiles_of_sorted(unit.sort(dim=1).values, FIG1_PERCENTILES)
+            for ri, v in enumerate(running):
+                for p, q in zip(FIG1_PERCENTILES, fig1[li, ri], strict=True):
+                    put(v, name, f"preact_p{p:g}", q)
+                for p, q in zip(BAND_PERCENTILES, bands[li, ri], strict=True):
+                    put(v, name, f"preact_band_p{p:g}", q)
+                for p, q in zip(FIG1_PERCENTILES, unit_q[ri], strict=True):
+                    put(v, name, f"unit_p{p:g}", q)
+                put(v, name, "preact_mean", pre_mean[li, ri])
+                put(v, name, "preact_std", pre_std[li, ri])
+                put(v, name, "preact_clipped", clipped[li, ri])
+                put(v, name, "saturation", sat[ri])
+                hist_rows.append((v, name, li, ri))
+        pre_np, post_np = pre_hist.cpu().numpy(), post_hist.cpu().numpy()
+        for v, name, li, ri in hist_rows:
+            variant = self.variant_names[v]
+            self.history.add_histogram(self.step, variant, name, "preact", pre_np[li, ri])
+            self.history.add_histogram(self.step, variant, name, "postact", post_np[li, ri])
+
+    def _snapshot_buffers(self) -> list[torch.Tensor]:
+        return [b.clone() for b in self.model.buffers()]
+
+    def _restore_buffers(self, saved: list[torch.Tensor]) -> None:
+        for b, s in zip(self.model.buffers(), saved, strict=True):
+            b.copy_(s)
+
+    @torch.no_grad()
+    def _evaluate(self) -> None:
+        """Test loss and accuracy in eval mode (BN uses running statistics)."""
+        running = self._running()
+        if not running:
+            return
+        self.model.eval()
+        V = len(self.variant_names)
+        loss_sum = torch.zeros(V, device=self.device)
+        correct = torch.zeros(V, device=self.device)
+        n = self.x_test.shape[0]
+        for i in range(0, n, _EVAL_CHUNK):
+            xb, yb = self.x_test[i : i + _EVAL_CHUNK], self.y_test[i : i + _EVAL_CHUNK]
+            logits, _ = self.model(xb)
+            K = logits.shape[-1]
+            loss_sum += (
+                F.cross_entropy(logits.reshape(-1, K), yb.repeat(V), reduction="none")
+                .view(V, -1)
+                .sum(1)
+            )
+            correct += (logits.argmax(-1) == yb).sum(1)
+        errors = self._running_stat_errors(running)
+        self.model.train()
+        test_loss, test_acc = (loss_sum / n).tolist(), (correct / n).tolist()
+        for v in running:
+            rows = [("", "test_loss", test_loss[v]), ("", "test_accuracy", test_acc[v])]
+            rows += errors.get(v, [])
+            self.history.add_many(self.step, self.variant_names[v], rows)
+
+    def _running_stat_errors(self, running: list[int]) -> dict[int, list]:
+        """|running stat - the statistic over training examples|, per BN layer.
+
+        The reference statistic is each BN input's mean and (unbiased) variance over up to
+        2,048 training examples in one train-mode pass: what the running averages estimate.
+        """
+        saved = self._snapshot_buffers()
+        self.model.train()
+        _, records = self.model(self.x_stats, record=True)
+        self._restore_buffers(saved)
+        out: dict[int, list] = {}
+        for v in running:
+            stats = self.model.bn_running_stats(v)
+            for rec, st in zip(records, stats, strict=True):
+                if st is None:
+                    continue
+                x = rec.bn_input[v].transpose(0, 1).reshape(rec.bn_input.shape[2], -1)
+                mean_err = (st[0] - x.mean(1)).abs().mean().item()
+                var_err = (st[1] - x.var(1)).abs().mean().item()
+                out.setdefault(v, []).extend(
+                    [
+                        (rec.name, "running_mean_error", mean_err),
+                        (rec.name, "running_var_error", var_err),
+                    ]
+                )
+        return out
