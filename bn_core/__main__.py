@@ -52,7 +52,9 @@ def _load_config(args: argparse.Namespace) -> RunConfig:
         try:
             text = args.config.read_text()
         except OSError as err:
-            raise ConfigError("--config", str(args.config), f"a readable file ({err.strerror})")
+            raise ConfigError(
+                "--config", str(args.config), f"a readable file ({err.strerror})"
+            ) from None
         config = RunConfig.from_json(text)
     overrides = {
         k: getattr(args, k)

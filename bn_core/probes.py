@@ -22,7 +22,7 @@ __all__ = [
 
 # Ioffe & Szegedy Fig. 1 shows the 15th, 50th and 85th percentiles.
 FIG1_PERCENTILES = (15.0, 50.0, 85.0)
-# TensorBoard's distribution bands: min, the normal CDF at -1.5, -1, -0.5, 0, 0.5, 1, 1.5 sigma, max.
+# TensorBoard's distribution bands: min, the normal CDF at -1.5 .. 1.5 sigma in steps of 0.5, max.
 BAND_PERCENTILES = (0.0, 6.68, 15.87, 30.85, 50.0, 69.15, 84.13, 93.32, 100.0)
 
 

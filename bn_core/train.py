@@ -230,7 +230,8 @@ class Trainer:
 
     def status_line(self) -> str:
         states = ", ".join(f"{s.name}: {s.label}" for s in self.status)
-        return f"step {self.step:,} · {self.steps_per_second:,.0f} steps/s · {self.device.type} · {states}"
+        rate = f"{self.steps_per_second:,.0f} steps/s"
+        return f"step {self.step:,} · {rate} · {self.device.type} · {states}"
 
     # --- one step ------------------------------------------------------------------------
     def _lrs(self) -> list[float]:
