@@ -50,10 +50,10 @@ def _load_config(args: argparse.Namespace) -> RunConfig:
         config = load_preset(args.preset)
     else:
         try:
-            text = args.config.read_text()
+            text = args.config.read_bytes()
         except OSError as err:
             raise ConfigError(
-                "--config", str(args.config), f"a readable file ({err.strerror})"
+                "--config", str(args.config), f"allowed: a readable file ({err.strerror})"
             ) from None
         config = RunConfig.from_json(text)
     overrides = {

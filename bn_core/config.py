@@ -102,7 +102,10 @@ class FieldSpec:
                     raise ConfigError(name, value, self.allowed())
                 value = int(value)
         else:
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an integer beyond float range, e.g. 10**400 in JSON
+                raise ConfigError(name, value, self.allowed()) from None
             if not math.isfinite(value):
                 raise ConfigError(name, value, self.allowed())
         too_low = self.low is not None and (
@@ -277,7 +280,9 @@ class RunConfig:
         unknown = sorted(set(data) - _TOP_LEVEL, key=str)
         if unknown:
             key = unknown[0]
-            raise ConfigError(str(key), data[key], "unknown field; allowed: " + ", ".join(FIELDS))
+            raise ConfigError(
+                str(key), data[key], "unknown field; allowed: " + ", ".join([*FIELDS, "variants"])
+            )
         return cls(**dict(data))
 
     @classmethod
@@ -285,7 +290,11 @@ class RunConfig:
         try:
             data = json.loads(text)
         except (ValueError, UnicodeDecodeError) as err:
-            raise ConfigError("config", "<file>", f"not valid JSON ({err})") from None
+            raise ConfigError(
+                "config",
+                "<file>",
+                f"allowed: a JSON object of config fields (not valid JSON: {err})",
+            ) from None
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:

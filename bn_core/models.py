@@ -193,7 +193,7 @@ class LockstepMLP(nn.Module):
         act = {torch.sigmoid: nn.Sigmoid, torch.tanh: nn.Tanh, torch.relu: nn.ReLU}
         for W, b, norm in zip(self.weights, self.biases, self.norms, strict=True):
             keep = bool(self.bias_mask[variant, 0, 0])
-            lin = nn.Linear(W.shape[1], W.shape[2], bias=keep)
+            lin = nn.Linear(W.shape[1], W.shape[2], bias=keep, device=W.device, dtype=W.dtype)
             with torch.no_grad():
                 lin.weight.copy_(W[variant].T)
                 if keep:
@@ -203,7 +203,8 @@ class LockstepMLP(nn.Module):
             act_mod = act[self.activation]()
             block += [bn, act_mod] if self.placement == "before" else [act_mod, bn]
             layers += [m for m in block if m is not None]
-        out = nn.Linear(self.out_weight.shape[1], self.out_weight.shape[2])
+        W = self.out_weight
+        out = nn.Linear(W.shape[1], W.shape[2], device=W.device, dtype=W.dtype)
         with torch.no_grad():
             out.weight.copy_(self.out_weight[variant].T)
             out.bias.copy_(self.out_bias[variant, 0])
@@ -214,6 +215,7 @@ def _extract_bn(norm: _NormGroups, variant: int) -> nn.Module | None:
     for index, kind, bn in zip(norm.group_index, norm.kinds, norm.groups, strict=True):
         if variant in index:
             single = make_norm(kind, norm.width, 1, bn.momentum)
+            single = single.to(bn.weight.device, bn.weight.dtype)
             k = index.index(variant)
             sl = slice(k * norm.width, (k + 1) * norm.width)
             with torch.no_grad():
@@ -244,17 +246,27 @@ class _LeNet(nn.Module):
         # 8x8 digits: both convolutions pad by 2 so the 5x5 kernels fit: 16*2*2 = 64.
         pad2 = 0 if side >= 20 else 2
         side2 = (side // 2 + 2 * pad2 - 4) // 2
-        bias = _bias_kept(spec, config)
         m = config.bn_momentum
         self.layer_names = ["conv1", "conv2", "fc1", "fc2"]
         self.linears = nn.ModuleList(
             [
-                nn.Conv2d(1, 6, 5, padding=2, bias=bias),
-                nn.Conv2d(6, 16, 5, padding=pad2, bias=bias),
-                nn.Linear(16 * side2 * side2, 120, bias=bias),
-                nn.Linear(120, 84, bias=bias),
+                nn.Conv2d(1, 6, 5, padding=2),
+                nn.Conv2d(6, 16, 5, padding=pad2),
+                nn.Linear(16 * side2 * side2, 120),
+                nn.Linear(120, 84),
             ]
         )
+        # The run's init rule from the run's seed, so every variant starts from the same
+        # weights whatever biases it keeps.
+        gen = torch.Generator().manual_seed(config.seed)
+        for layer in self.linears:
+            w = _init_weight(layer.weight[0].numel(), layer.weight.shape[0], config, gen)
+            with torch.no_grad():
+                layer.weight.copy_(w.T.reshape(layer.weight.shape))
+            if _bias_kept(spec, config):
+                nn.init.zeros_(layer.bias)
+            else:
+                layer.register_parameter("bias", None)
         self.norms = nn.ModuleList(
             [
                 make_norm(spec.norm, 6, 2, m) or nn.Identity(),
@@ -264,6 +276,9 @@ class _LeNet(nn.Module):
             ]
         )
         self.head = nn.Linear(84, num_classes)
+        with torch.no_grad():
+            self.head.weight.copy_(_init_weight(84, num_classes, config, gen).T)
+            self.head.bias.zero_()
         self.activation = ACTIVATIONS[config.activation]
         self.placement = config.placement
         self.side = side
@@ -297,10 +312,7 @@ class LockstepLeNet(nn.Module):
 
     def __init__(self, config: RunConfig, side: int, num_classes: int) -> None:
         super().__init__()
-        nets = []
-        for spec in config.variants:
-            torch.manual_seed(config.seed)  # same init for every variant
-            nets.append(_LeNet(spec, config, side, num_classes))
+        nets = [_LeNet(spec, config, side, num_classes) for spec in config.variants]
         self.nets = nn.ModuleList(nets)
         self.layer_names = nets[0].layer_names
 

@@ -31,6 +31,16 @@ from bn_core.probes import (
 __all__ = ["DeviceUnavailable", "Trainer", "VariantStatus", "resolve_device"]
 
 _EVAL_CHUNK = 4096
+# The columns _probe measures per layer and variant, in order.
+_PROBE_METRICS = (
+    *(f"preact_p{p:g}" for p in FIG1_PERCENTILES),
+    *(f"preact_band_p{p:g}" for p in BAND_PERCENTILES),
+    *(f"unit_p{p:g}" for p in FIG1_PERCENTILES),
+    "preact_mean",
+    "preact_std",
+    "preact_clipped",
+    "saturation",
+)
 _STATS_EXAMPLES = 2048  # train examples used as "the training set" for running-stat error
 
 
@@ -201,11 +211,13 @@ class Trainer:
 
     def set_live(self, **changes: float | None) -> list[Event]:
         """Change lr, momentum or bn_momentum from the next step; returns the events."""
-        events = []
         for name, value in changes.items():
             if name not in LIVE_FIELDS:
-                raise ConfigError(name, value, "allowed live settings: " + ", ".join(LIVE_FIELDS))
-            value = FIELDS[name].check(name, value)
+                allowed = "allowed live settings: " + ", ".join(LIVE_FIELDS)
+                raise ConfigError(name, value, allowed)
+            changes[name] = FIELDS[name].check(name, value)
+        events = []  # all values are valid: apply them together
+        for name, value in changes.items():
             old = self.live[name]
             if value == old:
                 continue
@@ -325,7 +337,7 @@ class Trainer:
                     put(v, name, "out_grad_norm", out_grad[v].norm())
             for name, bias in zip(self.model.layer_names, self.model.bias_vectors(v), strict=True):
                 put(v, name, "bias_norm", bias.norm())
-        self._probe(running, put)
+        self._probe(running, rows)
         values = torch.stack(scalars).tolist() if scalars else []
         for (v, layer, metric), value in zip(keys, values, strict=True):
             rows[v].append((layer, metric, value))
@@ -333,7 +345,7 @@ class Trainer:
             self.history.add_many(self.step, self.variant_names[v], rows[v])
 
     @torch.no_grad()
-    def _probe(self, running: list[int], put) -> None:
+    def _probe(self, running: list[int], rows: dict[int, list]) -> None:
         """Distributions on the fixed probe batch, BN using that batch's statistics.
 
         Measuring on one fixed batch keeps batch-to-batch noise out of the curves, and the
@@ -346,43 +358,45 @@ class Trainer:
         if not running:
             return
         idx = torch.tensor(running, device=self.device)
-        preacts = torch.stack([r.preact[idx].reshape(len(running), -1) for r in records])
-        L, R, M = preacts.shape
-        flat = preacts.reshape(L * R, M)
-        sorted_rows = flat.sort(dim=1).values
-        fig1 = quantiles_of_sorted(sorted_rows, FIG1_PERCENTILES).view(L, R, -1)
-        bands = quantiles_of_sorted(sorted_rows, BAND_PERCENTILES).view(L, R, -1)
-        h = cfg.hist_range
-        pre_hist = histogram_rows(flat, -h, h, cfg.hist_bins).view(L, R, -1)
-        clipped = (flat.abs() > h).float().mean(1).view(L, R)
+        R, h = len(running), cfg.hist_range
         lo, hi = postact_range(cfg.activation, h)
-        posts = torch.stack([r.postact[idx].reshape(len(running), -1) for r in records])
-        post_hist = histogram_rows(posts.reshape(L * R, -1), lo, hi, cfg.hist_bins).view(L, R, -1)
-        pre_mean, pre_std = flat.mean(1).view(L, R), flat.std(1).view(L, R)
-        hist_rows = []
-        for li, rec in enumerate(records):
-            name = rec.name
-            sat = saturation_fraction(rec.postact[idx], cfg.activation, cfg.saturation_threshold)
+        columns, pre_hists, post_hists = [], [], []
+        # Layers differ in size (conv vs fc), so each is one (variants, values) block.
+        for rec in records:
+            pre = rec.preact[idx].reshape(R, -1)
+            post = rec.postact[idx]
             # One unit (one channel of a conv layer), as Fig. 1 follows one sigmoid.
-            unit = rec.preact[idx][:, :, cfg.probe_unit].reshape(len(running), -1)
-            unit_q = quantiles_of_sorted(unit.sort(dim=1).values, FIG1_PERCENTILES)
+            unit = rec.preact[idx][:, :, cfg.probe_unit].reshape(R, -1)
+            pre_sorted = pre.sort(dim=1).values
+            columns.append(
+                torch.cat(
+                    [
+                        quantiles_of_sorted(pre_sorted, FIG1_PERCENTILES),
+                        quantiles_of_sorted(pre_sorted, BAND_PERCENTILES),
+                        quantiles_of_sorted(unit.sort(dim=1).values, FIG1_PERCENTILES),
+                        pre.mean(1, keepdim=True),
+                        pre.std(1, keepdim=True),
+                        (pre.abs() > h).float().mean(1, keepdim=True),
+                        saturation_fraction(
+                            post, cfg.activation, cfg.saturation_threshold
+                        ).unsqueeze(1),
+                    ],
+                    dim=1,
+                )
+            )
+            pre_hists.append(histogram_rows(pre, -h, h, cfg.hist_bins))
+            post_hists.append(histogram_rows(post.reshape(R, -1), lo, hi, cfg.hist_bins))
+        # One copy to the host for all numbers of this logged step.
+        table = torch.stack(columns).float().cpu().numpy()
+        pre_np = torch.stack(pre_hists).cpu().numpy()
+        post_np = torch.stack(post_hists).cpu().numpy()
+        for li, rec in enumerate(records):
             for ri, v in enumerate(running):
-                for p, q in zip(FIG1_PERCENTILES, fig1[li, ri], strict=True):
-                    put(v, name, f"preact_p{p:g}", q)
-                for p, q in zip(BAND_PERCENTILES, bands[li, ri], strict=True):
-                    put(v, name, f"preact_band_p{p:g}", q)
-                for p, q in zip(FIG1_PERCENTILES, unit_q[ri], strict=True):
-                    put(v, name, f"unit_p{p:g}", q)
-                put(v, name, "preact_mean", pre_mean[li, ri])
-                put(v, name, "preact_std", pre_std[li, ri])
-                put(v, name, "preact_clipped", clipped[li, ri])
-                put(v, name, "saturation", sat[ri])
-                hist_rows.append((v, name, li, ri))
-        pre_np, post_np = pre_hist.cpu().numpy(), post_hist.cpu().numpy()
-        for v, name, li, ri in hist_rows:
-            variant = self.variant_names[v]
-            self.history.add_histogram(self.step, variant, name, "preact", pre_np[li, ri])
-            self.history.add_histogram(self.step, variant, name, "postact", post_np[li, ri])
+                for metric, value in zip(_PROBE_METRICS, table[li, ri], strict=True):
+                    rows[v].append((rec.name, metric, float(value)))
+                variant = self.variant_names[v]
+                self.history.add_histogram(self.step, variant, rec.name, "preact", pre_np[li, ri])
+                self.history.add_histogram(self.step, variant, rec.name, "postact", post_np[li, ri])
 
     def _snapshot_buffers(self) -> list[torch.Tensor]:
         return [b.clone() for b in self.model.buffers()]

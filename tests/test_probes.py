@@ -1,0 +1,161 @@
+"""Probe measures against numpy and direct computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bn_core.probes import (
+    BAND_PERCENTILES,
+    FIG1_PERCENTILES,
+    histogram_rows,
+    postact_range,
+    quantiles_of_sorted,
+    saturation_fraction,
+    update_ratio,
+)
+
+HYP = settings(max_examples=40, deadline=None)
+
+
+def test_percentile_constants():
+    assert FIG1_PERCENTILES == (15.0, 50.0, 85.0)
+    assert BAND_PERCENTILES == (0.0, 6.68, 15.87, 30.85, 50.0, 69.15, 84.13, 93.32, 100.0)
+    # The bands are the normal CDF at -1.5 .. 1.5 sigma in steps of 0.5.
+    for p, z in zip(BAND_PERCENTILES[1:-1], np.arange(-1.5, 1.51, 0.5), strict=True):
+        assert abs(100 * 0.5 * (1 + math.erf(z / math.sqrt(2))) - p) < 0.01
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 300, 1001])
+@pytest.mark.parametrize("percentiles", [FIG1_PERCENTILES, BAND_PERCENTILES, (0.0, 100.0, 33.3)])
+def test_quantiles_equal_numpy_percentile(n, percentiles):
+    rng = np.random.default_rng(n)
+    rows = rng.normal(size=(5, n)) * rng.uniform(0.1, 10, size=(5, 1))
+    got = quantiles_of_sorted(torch.from_numpy(np.sort(rows, axis=1)), percentiles)
+    want = np.percentile(rows, percentiles, axis=1).T
+    assert got.shape == (5, len(percentiles))
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_quantiles_float32_and_batched_leading_dims():
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(2, 3, 50)).astype(np.float32)
+    got = quantiles_of_sorted(torch.from_numpy(np.sort(rows, axis=-1)), FIG1_PERCENTILES)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 3)
+    want = np.moveaxis(np.percentile(rows.astype(np.float64), FIG1_PERCENTILES, axis=-1), 0, -1)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+@HYP
+@given(
+    st.lists(st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False), min_size=1, max_size=60),
+    st.lists(st.floats(0, 100), min_size=1, max_size=5),
+)
+def test_quantiles_property(values, percentiles):
+    row = np.array(values)
+    got = quantiles_of_sorted(torch.from_numpy(np.sort(row))[None], tuple(percentiles))[0]
+    want = np.percentile(row, percentiles)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-6)
+
+
+def clipped_numpy_hist(rows: np.ndarray, low: float, high: float, bins: int) -> np.ndarray:
+    return np.stack(
+        [np.histogram(np.clip(r, low, high), bins=bins, range=(low, high))[0] for r in rows]
+    )
+
+
+@pytest.mark.parametrize(("low", "high", "bins"), [(-8.0, 8.0, 60), (0.0, 1.0, 10), (-3, 5, 17)])
+def test_histogram_rows_equal_numpy_with_clipping(low, high, bins):
+    rng = np.random.default_rng(bins)
+    rows = rng.normal(size=(6, 500)) * np.array([[0.5], [1], [3], [6], [20], [100]]) + 0.3
+    rows[0, :5] = [low, high, low - 1e9, high + 1e9, high]  # edges and far outside
+    got = histogram_rows(torch.from_numpy(rows), low, high, bins)
+    assert got.shape == (6, bins)
+    np.testing.assert_array_equal(got.numpy(), clipped_numpy_hist(rows, low, high, bins))
+    assert (got.sum(1) == 500).all()  # no mass lost
+    # float32 input, as the trainer passes it.
+    got32 = histogram_rows(torch.from_numpy(rows.astype(np.float32)), low, high, bins)
+    assert (got32.sum(1) == 500).all()
+    assert (got32 - got).abs().sum() <= 4  # at most a few values on a bin edge move
+
+
+def test_histogram_rows_infinities_and_nan_keep_mass():
+    row = torch.tensor([[-math.inf, math.inf, 0.1, math.nan]])
+    got = histogram_rows(row, -1.0, 1.0, 4)
+    assert got.sum() == 4
+    assert got[0, 0] >= 1 and got[0, -1] == 1
+
+
+@pytest.mark.parametrize("threshold", [0.97, 0.9, 0.6])
+def test_saturation_sigmoid(threshold):
+    rng = np.random.default_rng(1)
+    post = 1 / (1 + np.exp(-rng.normal(scale=4, size=(3, 40, 16))))
+    got = saturation_fraction(torch.from_numpy(post), "sigmoid", threshold)
+    want = ((post < 1 - threshold) | (post > threshold)).reshape(3, -1).mean(1)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+    assert want.min() > 0 and want.max() < 1
+
+
+@pytest.mark.parametrize("threshold", [0.97, 0.8])
+def test_saturation_tanh(threshold):
+    rng = np.random.default_rng(2)
+    post = np.tanh(rng.normal(scale=3, size=(2, 30, 8, 3, 3)))
+    got = saturation_fraction(torch.from_numpy(post), "tanh", threshold)
+    want = (np.abs(post) > threshold).reshape(2, -1).mean(1)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+
+
+def test_saturation_relu_dead_units_dense():
+    rng = np.random.default_rng(3)
+    pre = rng.normal(size=(2, 25, 10))
+    pre[0, :, [1, 4, 7]] = -np.abs(pre[0, :, [1, 4, 7]])  # 3 of 10 units never fire
+    pre[1, :, 0] = -1.0  # 1 of 10
+    pre[1, 3, 5] = -1.0  # inactive on one example only: alive
+    post = np.maximum(pre, 0)
+    got = saturation_fraction(torch.from_numpy(post), "relu", 0.97)
+    want = (post.max(axis=1) <= 0).mean(1)  # a unit is dead if no example activates it
+    np.testing.assert_allclose(got.numpy(), want)
+    np.testing.assert_allclose(got.numpy(), [0.3, 0.1])
+
+
+def test_saturation_relu_dead_channels_conv():
+    rng = np.random.default_rng(4)
+    pre = rng.normal(size=(3, 6, 4, 5, 5))  # (rows, N, C, H, W)
+    pre[0, :, 2] = -1.0
+    pre[2, :, 0] = -1.0
+    pre[2, :, 3] = -1.0
+    pre[2, 0, 3, 1, 1] = 2.0  # one position of one example keeps channel 3 alive
+    post = np.maximum(pre, 0)
+    got = saturation_fraction(torch.from_numpy(post), "relu", 0.97)
+    per_channel_max = post.transpose(0, 2, 1, 3, 4).reshape(3, 4, -1).max(-1)
+    want = (per_channel_max <= 0).mean(1)
+    np.testing.assert_allclose(got.numpy(), want)
+    np.testing.assert_allclose(got.numpy(), [0.25, 0.0, 0.25])
+
+
+@pytest.mark.parametrize("lr", [1e-3, 0.5, 10.0])
+def test_update_ratio_direct(lr):
+    rng = np.random.default_rng(5)
+    W = rng.normal(scale=0.1, size=(64, 32))
+    g = rng.normal(scale=0.02, size=(64, 32)) + 0.01
+    got = update_ratio(lr, torch.from_numpy(g), torch.from_numpy(W))
+    want = math.log10(np.std(lr * g) / np.std(W))  # same n in both: ddof cancels
+    assert abs(got.item() - want) < 1e-12
+    got32 = update_ratio(lr, torch.from_numpy(g).float(), torch.from_numpy(W).float())
+    assert abs(got32.item() - want) < 1e-5
+
+
+def test_update_ratio_zero_lr_is_minus_inf():
+    W, g = torch.randn(4, 4), torch.randn(4, 4)
+    assert update_ratio(0.0, g, W).item() == -math.inf
+
+
+def test_postact_range():
+    assert postact_range("sigmoid", 8.0) == (0.0, 1.0)
+    assert postact_range("tanh", 8.0) == (-1.0, 1.0)
+    assert postact_range("relu", 5.0) == (0.0, 5.0)
