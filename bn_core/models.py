@@ -183,6 +183,9 @@ class LockstepMLP(nn.Module):
         """Each hidden layer's linear bias of one variant (zeros where BN dropped it)."""
         return [(b * self.bias_mask)[variant, 0] for b in self.biases]
 
+    def bias_grads(self, variant: int) -> list[torch.Tensor | None]:
+        return [None if b.grad is None else b.grad[variant, 0] for b in self.biases]
+
     def variant_index_of(self, param: torch.Tensor) -> torch.Tensor:
         """Which variant each element of a parameter belongs to (for per-variant lr)."""
         return _variant_index(self, param)
@@ -345,6 +348,9 @@ class LockstepLeNet(nn.Module):
         for m in self.nets[variant].linears:
             out.append(m.bias.detach() if m.bias is not None else torch.zeros(m.weight.shape[0]))
         return out
+
+    def bias_grads(self, variant: int) -> list[torch.Tensor | None]:
+        return [None if m.bias is None else m.bias.grad for m in self.nets[variant].linears]
 
     def variant_index_of(self, param: torch.Tensor) -> torch.Tensor:
         for v, net in enumerate(self.nets):

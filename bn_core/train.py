@@ -335,8 +335,17 @@ class Trainer:
                 out_grad = rec.output.grad
                 if out_grad is not None:
                     put(v, name, "out_grad_norm", out_grad[v].norm())
-            for name, bias in zip(self.model.layer_names, self.model.bias_vectors(v), strict=True):
+            biases = zip(
+                self.model.layer_names,
+                self.model.bias_vectors(v),
+                self.model.bias_grads(v),
+                strict=True,
+            )
+            for name, bias, bias_grad in biases:
                 put(v, name, "bias_norm", bias.norm())
+                # Zero (to rounding) when BN follows: the bias is redundant before BN.
+                if bias_grad is not None:
+                    put(v, name, "bias_grad_norm", bias_grad.norm())
         self._probe(running, rows)
         values = torch.stack(scalars).tolist() if scalars else []
         for (v, layer, metric), value in zip(keys, values, strict=True):
