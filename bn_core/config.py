@@ -26,7 +26,9 @@ __all__ = [
     "RunConfig",
     "VariantSpec",
     "list_presets",
+    "from_query",
     "load_preset",
+    "to_query",
 ]
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "assets" / "presets"
@@ -349,3 +351,69 @@ def load_preset(name: str, preset_dir: Path = PRESET_DIR) -> RunConfig:
         names = ", ".join(list_presets(preset_dir)) or "(none found)"
         raise ConfigError("preset", name, f"allowed: {names}")
     return RunConfig.from_dict(json.loads(path.read_text())["config"])
+
+
+# --- shareable links -----------------------------------------------------------------------
+def to_query(config: RunConfig, preset: str) -> dict[str, str]:
+    """The URL query parameters of a config: its preset plus every field that differs."""
+    base = load_preset(preset).to_dict()
+    params = {"preset": preset}
+    for name, value in config.to_dict().items():
+        if value == base[name]:
+            continue
+        if name == "variants":
+            value = ",".join(v["name"] for v in value)
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        elif value is None:
+            value = "none"
+        params[name] = str(value)
+    return params
+
+
+def _parse_query_value(name: str, text: str) -> Any:
+    if name == "variants":
+        return [part.strip() for part in text.split(",") if part.strip()]
+    spec = FIELDS[name]
+    if spec.nullable and text.lower() in ("none", "null"):
+        return None
+    if spec.kind is bool:
+        lowered = text.lower()
+        return {"true": True, "1": True, "false": False, "0": False}.get(lowered, text)
+    if spec.kind in (int, float):
+        try:
+            number = float(text)
+        except ValueError:
+            return text  # RunConfig names the field and the allowed range
+        return int(number) if spec.kind is int and number.is_integer() else number
+    return text
+
+
+def from_query(
+    params: Mapping[str, str | list[str]], default_preset: str
+) -> tuple[RunConfig, str, list[str]]:
+    """(config, preset, warnings) from URL query parameters.
+
+    A bad or unknown parameter never stops the page: it is named in a warning and the
+    preset's value is used instead.
+    """
+    warnings: list[str] = []
+    flat = {k: (v[-1] if isinstance(v, list) else v) for k, v in params.items()}
+    preset = flat.pop("preset", default_preset)
+    try:
+        config = load_preset(preset)
+    except ConfigError as err:
+        warnings.append(f"Link parameter ignored: {err}")
+        preset, config = default_preset, load_preset(default_preset)
+    for name, text in flat.items():
+        if name not in _TOP_LEVEL:
+            warnings.append(
+                f"Link parameter ignored: {name} = {text!r}: unknown parameter; allowed: "
+                + ", ".join(["preset", *FIELDS, "variants"])
+            )
+            continue
+        try:
+            config = config.replace(**{name: _parse_query_value(name, text)})
+        except ConfigError as err:
+            warnings.append(f"Link parameter ignored, the preset's value is used: {err}")
+    return config, preset, warnings

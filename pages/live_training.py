@@ -1,0 +1,205 @@
+"""Live training: the same net with and without BatchNorm, trained side by side."""
+
+import streamlit as st
+
+from bn_core import figures
+from bn_core.config import FIELDS
+from ui import session
+from ui.charts import show_chart
+
+TICK_SECONDS = 0.25  # one redraw per tick: at least 4 per second
+TRAIN_SECONDS = 0.12  # training time per tick, leaving the rest of the tick for drawing
+
+ss = session.state()
+
+# --- sidebar: live settings first (they act at once), then the set-up (needs Reset) ------
+with st.sidebar:
+    st.subheader("Live settings")
+    st.caption("These act from the next step, without a reset.")
+    st.select_slider(
+        "Learning rate",
+        options=session.lr_choices(ss.w_lr),
+        key="w_lr",
+        format_func=lambda v: f"{v:g}",
+        on_change=session.on_live,
+        args=("lr",),
+        help=FIELDS["lr"].help + " (log scale, 1e-4 to 10)",
+    )
+    st.slider(
+        "SGD momentum",
+        0.0,
+        0.99,
+        step=0.01,
+        key="w_momentum",
+        on_change=session.on_live,
+        args=("momentum",),
+        help="0 is plain SGD; 0.9 is the usual heavy-ball setting",
+    )
+    st.select_slider(
+        "BN running-stat momentum",
+        options=session.bn_momentum_choices(ss.w_bn_momentum),
+        key="w_bn_momentum",
+        format_func=lambda v: f"{v:g}",
+        on_change=session.on_live,
+        args=("bn_momentum",),
+        help="running = (1 - m) * running + m * batch statistic (PyTorch's convention)",
+    )
+
+    st.subheader("Set-up")
+    st.caption("Changes here wait for **Reset**, so a run is never restarted by surprise.")
+    presets = list(session.list_presets())
+    st.selectbox(
+        "Preset",
+        presets,
+        index=presets.index(ss.preset),
+        key="w_preset",
+        format_func=session.preset_label,
+        on_change=session.on_preset,
+    )
+    st.caption(session.list_presets()[ss.preset]["description"])
+    st.multiselect(
+        "Variants",
+        session.VARIANT_CHOICES,
+        key="w_variants",
+        help="; ".join(f"{k}: {v}" for k, v in session.VARIANT_HELP.items()),
+    )
+    st.selectbox(
+        "Data set", list(session.DATASETS), key="w_dataset", format_func=session.dataset_label
+    )
+    if ss.w_dataset in ("moons", "circles", "spirals", "blobs"):
+        st.slider("Data noise", 0.0, 1.0, step=0.05, key="w_noise")
+    c1, c2 = st.columns(2)
+    c1.selectbox("Model", ["mlp", "lenet"], key="w_model", format_func=str.upper)
+    c2.selectbox("Activation", ["sigmoid", "tanh", "relu"], key="w_activation")
+    if ss.w_model == "mlp":
+        c1.number_input("Hidden layers", 1, 8, key="w_depth")
+        c2.number_input("Units per layer", 4, 512, key="w_width")
+    c1.selectbox("Init", ["gaussian", "xavier", "kaiming"], key="w_init")
+    if ss.w_init == "gaussian":
+        c2.number_input("Init std", 0.001, 10.0, key="w_init_std", format="%.3f")
+    c1.selectbox(
+        "BN placement", ["before", "after"], key="w_placement", help=FIELDS["placement"].help
+    )
+    c2.number_input("Batch size", 1, 4096, key="w_batch_size")
+    c1.number_input("Seed", 0, 2**31 - 1, key="w_seed")
+    c2.selectbox("Device", ["auto", "cpu", "cuda"], key="w_device")
+    st.checkbox(
+        "Keep the linear bias before BN",
+        key="w_keep_bias",
+        help="BN's beta makes that bias redundant (it gets zero gradient); keep it to see that",
+    )
+
+    st.subheader("Share and save")
+    st.caption("The address bar is a link to this set-up: copy it to share it with a class.")
+    st.download_button(
+        "Download config JSON",
+        ss.trainer.config.replace(**ss.trainer.live).to_json(),
+        file_name="bnlab_config.json",
+        mime="application/json",
+        icon=":material/download:",
+        help="The running set-up with the live settings as they are now; load it to rerun",
+    )
+    st.file_uploader(
+        "Load a config JSON",
+        type=["json"],
+        key="w_upload",
+        on_change=lambda: ss.w_upload and session.load_uploaded_config(ss.w_upload.getvalue()),
+        help="Starts a fresh run with the uploaded set-up; a bad file leaves this run untouched",
+    )
+
+session.sync_url()
+
+# --- main area ---------------------------------------------------------------------------
+st.title("Live training")
+st.caption(
+    "The same net, from the same initial weights and on the same mini-batches, trained "
+    "with and without Batch Normalization. Press Play, then move the learning rate."
+)
+session.show_message()
+
+wanted, differs, problem = session.pending_changes()
+if problem:
+    st.error(f"The set-up in the sidebar is not valid: {problem}")
+elif differs:
+    st.warning(
+        "Set-up changed (" + ", ".join(differs) + "). Press **Reset** to start a run with it; "
+        "the current run continues until then."
+    )
+
+b1, b2, b3, b4, _ = st.columns([1, 1, 1, 1, 4])
+b1.button(
+    "Pause" if ss.playing else "Play",
+    on_click=session.toggle_play,
+    type="primary",
+    icon=":material/pause:" if ss.playing else ":material/play_arrow:",
+    disabled=ss.trainer.finished,
+    width="stretch",
+)
+b2.button("Step", on_click=session.step_once, icon=":material/skip_next:", width="stretch")
+b3.button(
+    "Reset",
+    on_click=session.reset,
+    icon=":material/restart_alt:",
+    type="primary" if differs else "secondary",
+    disabled=problem is not None,
+    width="stretch",
+)
+
+VIEWS = {
+    "Fig. 1 percentiles": "percentile_bands",
+    "Distributions": "preact_heatmaps",
+    "Saturation": "saturation",
+    "Gradient norms": "grad_norms",
+    "Update:data ratio": "update_ratio",
+}
+
+
+@st.fragment(run_every=TICK_SECONDS if ss.playing else None)
+def live_panel() -> None:
+    trainer = ss.trainer
+    if ss.playing:
+        trainer.advance(seconds=TRAIN_SECONDS)
+        if trainer.finished:
+            ss.playing = False
+            st.rerun()  # the whole page, so the Play button shows the finished state
+    st.markdown(f"**{trainer.status_line()}**")
+    history = trainer.history
+    show_chart(figures.loss_accuracy(history), "loss_accuracy", trainer)
+    view = st.segmented_control(
+        "View", list(VIEWS), default="Fig. 1 percentiles", key="w_view", required=True
+    )
+    layers = history.layers() or trainer.model.layer_names
+    if view == "Fig. 1 percentiles":
+        c1, c2 = st.columns([2, 1])
+        layer = c1.selectbox("Layer", layers, index=len(layers) - 1, key="w_fig1_layer")
+        unit = c2.toggle(
+            f"One unit (#{trainer.config.probe_unit})",
+            key="w_fig1_unit",
+            help="As in the paper: follow one sigmoid's input instead of the whole layer",
+        )
+        fig = figures.percentile_bands(history, layer=layer, unit=unit)
+        show_chart(fig, "percentile_bands", trainer)
+    elif view == "Distributions":
+        show_chart(figures.preact_heatmaps(history), "preact_heatmaps", trainer)
+        c1, c2, c3 = st.columns([1, 1, 2])
+        layer = c1.selectbox("Layer", layers, index=len(layers) - 1, key="w_hist_layer")
+        follow = c2.toggle("Latest step", value=True, key="w_hist_follow")
+        # A fixed range keeps the scrubber still while the run grows under it.
+        step = c3.slider("Step", 0, trainer.config.steps, key="w_hist_step", disabled=follow)
+        if follow:
+            step = history.last_step() or 0
+        fig = figures.histogram_overlay(history, layer=layer, step=step)
+        show_chart(fig, "histogram_overlay", trainer)
+    elif view == "Saturation":
+        cfg = trainer.config
+        fig = figures.saturation(
+            history, threshold=cfg.saturation_threshold, activation=cfg.activation
+        )
+        show_chart(fig, "saturation", trainer)
+    elif view == "Gradient norms":
+        show_chart(figures.grad_norms(history), "grad_norms", trainer)
+    elif view == "Update:data ratio":
+        show_chart(figures.update_ratio(history), "update_ratio", trainer)
+
+
+live_panel()
