@@ -1,0 +1,706 @@
+"""Print-ready exports of a run: figures as PNG, SVG, PDF and offline HTML, their data as
+CSV, and a teaching pack (one zip) with everything a lecture or handout needs.
+
+Static images come from Kaleido 1.x, which drives a headless Chrome/Chromium. Starting
+that browser and loading plotly.js into it takes seconds, so :func:`to_static` and the
+pack render all their figures in ONE browser session (one ``kaleido.Kaleido``), never
+one session per figure as ``plotly.io.to_image`` does. Where no browser can be found,
+:func:`static_export_available` says so in one sentence, :func:`to_static` raises
+:class:`StaticExportUnavailable` with that sentence, and the pack leaves out PNG, SVG and
+PDF but still writes HTML, CSV and the run's data, and says so in its README.
+
+Kaleido's page loads MathJax from a CDN unless told not to; the figures use no LaTeX, so
+MathJax is switched off, which keeps rendering offline and saves the wait for the CDN.
+
+Export a consistent snapshot: pause training first (each figure reads the History under
+its lock, but a run that goes on between two figures shows in the second one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import queue
+import re
+import shutil
+import threading
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+
+from bn_core import figures
+from bn_core.config import RunConfig
+from bn_core.history import History
+
+__all__ = [
+    "ALL_FORMATS",
+    "DEFAULT_WIDTH",
+    "HISTOGRAM_COLUMNS",
+    "PAGE",
+    "STATIC_FORMATS",
+    "FigureSpec",
+    "StaticExportUnavailable",
+    "figure_filename",
+    "figure_specs",
+    "static_export_available",
+    "teaching_pack",
+    "to_csv",
+    "to_html",
+    "to_static",
+    "write_export",
+]
+
+PAGE = "live"  # the page the pack's figures come from
+STATIC_FORMATS = ("png", "svg", "pdf")
+ALL_FORMATS = (*STATIC_FORMATS, "html", "csv")
+HISTOGRAM_COLUMNS = ["step", "variant", "layer", "bin_low", "bin_high", "count"]
+# Print figures are sized for a 16:9 slide or an A4 page in landscape; the print theme
+# sets each figure's height from its rows of panels.
+DEFAULT_WIDTH = 1200
+DEFAULT_HEIGHT = 600  # only for a figure without a height of its own
+PNG_SCALE = 2  # pack PNGs: 2400 px wide, sharp on a projector and in print
+RENDER_TIMEOUT_S = 90.0  # per figure, as Kaleido's own default
+
+StaticFormat = Literal["png", "svg", "pdf"]
+ProgressFn = Callable[[int, int, str], None]
+
+# What a browser search by name looks for when choreographer's own search is unavailable.
+_BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+_HOW_TO_GET_ONE = (
+    "install Debian's chromium (sudo apt-get install chromium), "
+    "or set BROWSER_PATH to a Chrome/Chromium binary"
+)
+
+
+class StaticExportUnavailable(RuntimeError):
+    """PNG, SVG and PDF export need Kaleido and a Chrome/Chromium, and one is missing."""
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True, eq=False)
+class FigureSpec:
+    """One chart of a page, ready to export: the figure and the tidy rows it draws.
+
+    ``key`` is unique within a pack and names its files (``figures/<key>.<ext>``);
+    ``chart`` is the :data:`bn_core.figures.CHARTS` key it was built by (two specs can
+    share one, e.g. the percentile bands of a layer and of one unit). ``filename`` is a
+    stand-alone download name from :func:`figure_filename`.
+    """
+
+    key: str
+    figure: go.Figure
+    title: str
+    caption: str
+    data: pd.DataFrame
+    chart: str = ""
+    filename: str = ""
+
+
+def figure_filename(page: str, chart: str, variants: Sequence[str], step: int | None) -> str:
+    """A file name (no extension) that says what a figure is.
+
+    ``figure_filename("live", "grad_norms", ["plain", "batchnorm"], 1200)`` is
+    ``"live_grad_norms_plain-vs-batchnorm_step1200"``; anything but letters, digits,
+    ``_ . -`` becomes ``-`` so the name is safe on every file system.
+    """
+    name = f"{page}_{chart}_{'-vs-'.join(variants) or 'none'}_step{step or 0}"
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "-", name)
+
+
+def _title_of(fig: go.Figure) -> str:
+    text = fig.layout.title.text
+    return str(text) if text else ""
+
+
+def _scalar_rows(history: History, metrics: Sequence[str], layer: str | None = None):
+    """history.to_frame rows of ``metrics`` (of one layer if given), index renumbered."""
+    frame = history.to_frame(metrics=list(metrics))
+    if layer is not None:
+        frame = frame[frame["layer"] == layer]
+    return frame.reset_index(drop=True)
+
+
+def _histogram_frame(
+    history: History,
+    kind: str,
+    layers: Sequence[str],
+    *,
+    step: int | None = None,
+) -> pd.DataFrame:
+    """Histograms as tidy rows: step, variant, layer, bin_low, bin_high, count.
+
+    All stored steps, or with ``step`` the histogram each variant shows at that step
+    (the stored one at or before it, as :meth:`History.histogram_at` picks).
+    """
+    try:
+        edges = history.bin_edges(kind)
+    except KeyError:
+        return pd.DataFrame({c: [] for c in HISTOGRAM_COLUMNS}, columns=HISTOGRAM_COLUMNS)
+    blocks: list[tuple[str, str, np.ndarray, np.ndarray]] = []
+    for variant in history.variants():
+        for layer in layers:
+            if step is None:
+                steps, counts = history.histograms(variant, layer, kind)
+            else:
+                found = history.histogram_at(variant, layer, kind, step)
+                if found is None:
+                    continue
+                steps, counts = np.array([found[0]], dtype=np.int64), found[1][None, :]
+            if len(steps):
+                blocks.append((variant, layer, steps, counts))
+    n_bins = len(edges) - 1
+    total = sum(len(steps) * n_bins for *_, steps, _ in blocks)
+    columns: dict[str, Any] = {
+        "step": np.empty(total, dtype=np.int64),
+        "variant": np.empty(total, dtype=object),
+        "layer": np.empty(total, dtype=object),
+        "bin_low": np.empty(total, dtype=np.float64),
+        "bin_high": np.empty(total, dtype=np.float64),
+        "count": np.empty(total, dtype=np.float64),
+    }
+    start = 0
+    for variant, layer, steps, counts in blocks:
+        n = len(steps) * n_bins
+        part = slice(start, start + n)
+        columns["step"][part] = np.repeat(steps, n_bins)
+        columns["variant"][part] = variant
+        columns["layer"][part] = layer
+        columns["bin_low"][part] = np.tile(edges[:-1], len(steps))
+        columns["bin_high"][part] = np.tile(edges[1:], len(steps))
+        columns["count"][part] = counts.ravel()
+        start += n
+    counts = columns["count"]
+    if np.all(np.isfinite(counts)) and np.array_equal(counts, np.round(counts)):
+        columns["count"] = counts.astype(np.int64)  # counts of values: whole numbers
+    return pd.DataFrame(columns, columns=HISTOGRAM_COLUMNS)
+
+
+def figure_specs(
+    history: History,
+    config: RunConfig,
+    *,
+    layer: str | None = None,
+    step: int | None = None,
+) -> list[FigureSpec]:
+    """Every chart of the Live training page in the print theme, with its data.
+
+    ``layer``: the layer of the percentile bands and the histogram overlay (default the
+    last layer, as the page shows first); ``step``: the step of the histogram overlay
+    (default the last step).
+    """
+    layers = history.layers()
+    if layer is None:
+        layer = layers[-1] if layers else "layer1"
+    last = history.last_step() or 0
+    if step is None:
+        step = last
+    variants = history.variants() or [v.name for v in config.variants]
+    theme = "print"
+
+    def spec(
+        key: str,
+        chart: str,
+        fig: go.Figure,
+        data: pd.DataFrame,
+        *,
+        caption_extra: str = "",
+        at: int = last,
+    ) -> FigureSpec:
+        caption = figures.CHARTS[chart].caption + caption_extra
+        name = figure_filename(PAGE, key, variants, at)
+        return FigureSpec(key, fig, _title_of(fig), caption, data, chart, name)
+
+    shown = [history.histogram_at(v, layer, "preact", step) for v in history.variants()]
+    shown_steps = sorted({found[0] for found in shown if found is not None})
+    hist_step = shown_steps[-1] if shown_steps else step
+    bands = ("preact_p15", "preact_p50", "preact_p85")
+    band_metrics = [m for m in history.metrics() if m.startswith("preact_band_p")]
+    return [
+        spec(
+            "loss_accuracy",
+            "loss_accuracy",
+            figures.loss_accuracy(history, theme=theme),
+            _scalar_rows(history, ["loss", "test_accuracy"]),
+        ),
+        spec(
+            "preact_heatmaps",
+            "preact_heatmaps",
+            figures.preact_heatmaps(history, theme=theme),
+            _histogram_frame(history, "preact", layers),
+        ),
+        spec(
+            "histogram_overlay",
+            "histogram_overlay",
+            figures.histogram_overlay(history, layer=layer, step=step, theme=theme),
+            _histogram_frame(history, "preact", [layer], step=step),
+            at=hist_step,
+        ),
+        spec(
+            "saturation",
+            "saturation",
+            figures.saturation(
+                history,
+                threshold=config.saturation_threshold,
+                activation=config.activation,
+                theme=theme,
+            ),
+            _scalar_rows(history, ["saturation"]),
+        ),
+        spec(
+            "grad_norms",
+            "grad_norms",
+            figures.grad_norms(history, theme=theme),
+            _scalar_rows(history, ["grad_norm"]),
+        ),
+        spec(
+            "percentile_bands",
+            "percentile_bands",
+            figures.percentile_bands(history, layer=layer, unit=False, theme=theme),
+            _scalar_rows(history, [*bands, *band_metrics], layer),
+            caption_extra=f" Here: all units of {layer}.",
+        ),
+        spec(
+            "percentile_bands_unit",
+            "percentile_bands",
+            figures.percentile_bands(history, layer=layer, unit=True, theme=theme),
+            _scalar_rows(history, ["unit_p15", "unit_p50", "unit_p85"], layer),
+            caption_extra=f" Here: one unit (#{config.probe_unit}) of {layer}, as in the paper.",
+        ),
+        spec(
+            "update_ratio",
+            "update_ratio",
+            figures.update_ratio(history, theme=theme),
+            _scalar_rows(history, ["update_ratio"]),
+        ),
+    ]
+
+
+# --------------------------------------------------------------------------- browser
+
+
+def _find_browser() -> str | None:
+    """The browser Kaleido would launch, found the way it finds it.
+
+    choreographer (Kaleido's browser driver) looks, in order, at its own downloaded
+    Chrome (``kaleido_get_chrome``), then ``BROWSER_PATH`` (taken as is, even when it
+    points nowhere), then Chrome, Chromium, Edge, Brave and Vivaldi on PATH and in
+    their usual install paths. Without that lookup: BROWSER_PATH, then PATH by name.
+    """
+    try:
+        from choreographer.browsers.chromium import Chromium
+
+        return Chromium.find_browser(skip_local=False)
+    except Exception:  # choreographer missing or its API changed: a plain search
+        explicit = os.environ.get("BROWSER_PATH")
+        if explicit:
+            return explicit
+        return next((p for p in map(shutil.which, _BROWSER_NAMES) if p), None)
+
+
+def _is_executable_file(path: str) -> bool:
+    return Path(path).is_file() and os.access(path, os.X_OK)
+
+
+def static_export_available() -> tuple[bool, str]:
+    """Whether PNG/SVG/PDF export can run here, and one sentence saying why (not).
+
+    Cheap (no browser is started): Kaleido must import and find a Chrome/Chromium.
+    """
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return False, (
+            "Kaleido is not installed, so PNG/SVG/PDF export is off: pip install "
+            "'kaleido>=1', then " + _HOW_TO_GET_ONE + "."
+        )
+    path = _find_browser()
+    if path and _is_executable_file(path):
+        return True, f"Static export uses the browser at {path}."
+    explicit = os.environ.get("BROWSER_PATH")
+    if explicit and path == explicit:
+        return False, (
+            f"BROWSER_PATH={explicit!r} is not a Chrome/Chromium binary, so PNG/SVG/PDF "
+            "export is off: point it at one, or unset it and install Debian's chromium "
+            "(sudo apt-get install chromium)."
+        )
+    return False, f"No Chrome/Chromium was found for PNG/SVG/PDF export: {_HOW_TO_GET_ONE}."
+
+
+def _require_static() -> None:
+    ok, message = static_export_available()
+    if not ok:
+        raise StaticExportUnavailable(message)
+
+
+def _opts(
+    fig_dict: dict[str, Any], fmt: str, scale: float, width: int | None, height: int | None
+) -> dict[str, Any]:
+    layout = fig_dict.get("layout", {})
+    return {
+        "format": fmt,
+        "scale": scale,
+        "width": width or layout.get("width") or DEFAULT_WIDTH,
+        "height": height or layout.get("height") or DEFAULT_HEIGHT,
+    }
+
+
+class _Renderer:
+    """Renders ``(figure, format, scale)`` jobs in ONE Kaleido browser session.
+
+    The session runs on a worker thread with its own event loop, so the caller can do
+    other work meanwhile (the pack writes its HTML and CSV while the browser starts),
+    and it works the same from scripts, Streamlit and Jupyter (which already runs a
+    loop). Progress comes back through a queue: :meth:`poll` and :meth:`result` call
+    ``on_done(i)`` in the caller's thread, never in the worker.
+
+    One tab renders the jobs one after the other: Kaleido reloads a tab after every
+    figure, and each extra tab loads plotly.js again at start-up, which on a machine
+    with a couple of cores costs more than it saves.
+    """
+
+    def __init__(
+        self,
+        jobs: Sequence[tuple[go.Figure, str, float]],
+        *,
+        width: int | None = None,
+        height: int | None = None,
+    ) -> None:
+        _require_static()
+        # Each figure goes to JSON once, however many formats it is rendered in.
+        dicts: dict[int, dict[str, Any]] = {}
+        for fig, _, _ in jobs:
+            if id(fig) not in dicts:
+                dicts[id(fig)] = fig.to_dict() if hasattr(fig, "to_dict") else dict(fig)
+        self._work = [
+            (dicts[id(fig)], _opts(dicts[id(fig)], fmt, scale, width, height))
+            for fig, fmt, scale in jobs
+        ]
+        self._events: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._outcome: dict[str, Any] = {}
+        self._finished = False
+        self._thread = threading.Thread(target=self._run, name="bn-lab-kaleido", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._outcome["result"] = asyncio.run(self._render_all())
+        except BaseException as err:  # re-raised in the caller's thread by result()
+            self._outcome["error"] = err
+        finally:
+            self._events.put(None)
+
+    async def _render_all(self) -> list[bytes]:
+        import kaleido
+        from choreographer.errors import BrowserFailedError, ChromeNotFoundError
+
+        try:
+            browser = kaleido.Kaleido(n=1, mathjax=False, timeout=RENDER_TIMEOUT_S)
+        except ChromeNotFoundError as err:
+            raise StaticExportUnavailable(static_export_available()[1]) from err
+        out: list[bytes] = []
+        try:
+            async with browser as k:
+                for i, (fig_dict, opts) in enumerate(self._work):
+                    out.append(await k.calc_fig(fig_dict, opts=opts))
+                    self._events.put(i)
+        except BrowserFailedError as err:
+            raise StaticExportUnavailable(
+                f"The browser at {_find_browser()} failed to start, so PNG/SVG/PDF export "
+                f"is off ({err}): {_HOW_TO_GET_ONE}."
+            ) from err
+        return out
+
+    def poll(self, on_done: Callable[[int], None], *, block: bool = False) -> bool:
+        """Report the jobs done since the last call; True once the session has ended."""
+        while not self._finished:
+            try:
+                event = self._events.get(block=block)
+            except queue.Empty:
+                break
+            if event is None:
+                self._finished = True
+            else:
+                on_done(event)
+        return self._finished
+
+    def result(self, on_done: Callable[[int], None] = lambda i: None) -> list[bytes]:
+        """Wait for every job; the images in job order (or the session's error)."""
+        self.poll(on_done, block=True)
+        self._thread.join()
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        return self._outcome["result"]
+
+
+def to_static(
+    figs: Sequence[go.Figure],
+    fmt: StaticFormat,
+    *,
+    scale: float = 2,
+    width: int | None = None,
+    height: int | None = None,
+) -> list[bytes]:
+    """Render figures as PNG, SVG or PDF bytes, all in one browser session.
+
+    ``width``/``height`` in CSS pixels override the figure's own (its height comes from
+    the theme; width defaults to :data:`DEFAULT_WIDTH`). ``scale`` multiplies the pixels
+    of a PNG (2: sharp on slides and in print); for SVG and PDF it only multiplies the
+    nominal size (a PDF page is ``0.75 * scale`` points per CSS pixel). Raises
+    :class:`StaticExportUnavailable` when no browser is found.
+    """
+    if fmt not in STATIC_FORMATS:
+        raise ValueError(f"fmt = {fmt!r}: allowed: " + ", ".join(STATIC_FORMATS))
+    if not figs:
+        _require_static()
+        return []
+    return _Renderer([(fig, fmt, scale) for fig in figs], width=width, height=height).result()
+
+
+# --------------------------------------------------------------------------- html, csv
+
+
+def to_html(fig: go.Figure, *, filename: str | None = None) -> str:
+    """A standalone HTML page of ``fig`` that opens offline.
+
+    plotly.js is embedded (no ``<script src>``), MathJax is off, and nothing else is
+    fetched: the charts use no maps (the only thing plotly.js would fetch, topojson and
+    map tiles) and system fonts. The camera button saves a 3x PNG named ``filename``.
+    """
+    config: dict[str, Any] = {
+        "displaylogo": False,
+        "responsive": True,
+        "toImageButtonOptions": {"format": "png", "scale": 3},
+    }
+    if filename:
+        config["toImageButtonOptions"]["filename"] = filename
+    return pio.to_html(
+        fig,
+        include_plotlyjs=True,
+        include_mathjax=False,
+        full_html=True,
+        config=config,
+        default_width="100%",
+    )
+
+
+def to_csv(spec: FigureSpec) -> bytes:
+    """The tidy rows behind a figure as UTF-8 CSV (no index column)."""
+    return spec.data.to_csv(index=False).encode("utf-8")
+
+
+# --------------------------------------------------------------------------- the pack
+
+
+def _check_formats(formats: Iterable[str]) -> tuple[str, ...]:
+    wanted = tuple(dict.fromkeys(formats))  # in order, without repeats
+    unknown = [f for f in wanted if f not in ALL_FORMATS]
+    if unknown:
+        raise ValueError(f"formats = {unknown!r}: allowed: " + ", ".join(ALL_FORMATS))
+    return wanted
+
+
+def _readme(
+    history: History,
+    config: RunConfig,
+    specs: Sequence[FigureSpec],
+    files: dict[str, list[str]],
+    skipped: str,
+) -> str:
+    variants = history.variants() or [v.name for v in config.variants]
+    last = history.last_step() or 0
+    compact = json.dumps(config.to_dict(), separators=(",", ":"), ensure_ascii=False)
+    lines = [
+        "BatchNorm Lab teaching pack",
+        "===========================",
+        "",
+        f"Run: {' vs '.join(variants)} on {config.dataset}, step {last:,} of {config.steps:,}.",
+        f"Config: {compact}",
+        "Reproduce: python -m bn_core run --config config.json --out run/",
+    ]
+    if history.events:
+        changes = "; ".join(f"{e.label} at step {e.step:,}" for e in history.events)
+        lines.append(f"Live changes during the run (also in events.json): {changes}.")
+    if skipped:
+        lines += ["", f"PNG, SVG and PDF were skipped: {skipped}"]
+    lines += ["", "Figures", "-------"]
+    for i, spec in enumerate(specs, 1):
+        lines += [
+            "",
+            f"{i}. {spec.title}",
+            f"   {spec.caption}",
+            f"   files: {', '.join(files[spec.key]) or '(none)'}",
+        ]
+    lines += [
+        "",
+        "Other files",
+        "-----------",
+        "metrics.csv     every recorded scalar as tidy rows: step, variant, layer, metric, "
+        "value (layer empty for run-level metrics such as loss)",
+        "config.json     the run's settings; RunConfig.from_json reads it back",
+        "events.json     live changes (learning rate, momentum) with the step they took effect",
+        "histograms.npz  all histograms: {kind}/{variant}/{layer}/steps and .../counts, "
+        "and {kind}/edges (numpy.load)",
+        "figures/*.csv   the rows each figure draws; histograms as step, variant, layer, "
+        "bin_low, bin_high, count",
+        "figures/*.html  interactive figures; they open offline in any browser",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _pack_files(
+    history: History,
+    config: RunConfig,
+    formats: Iterable[str],
+    progress: ProgressFn | None,
+) -> list[tuple[str, bytes]]:
+    """The pack's files as (relative path, bytes): figures in chart order, README last.
+
+    The browser session starts first and renders on its own thread while this one
+    writes the HTML, CSV and data files, so their time hides behind the browser's.
+    """
+    formats = _check_formats(formats)
+    ok, message = static_export_available()
+    static = [f for f in formats if f in STATIC_FORMATS] if ok else []
+    skipped = "" if ok or not any(f in STATIC_FORMATS for f in formats) else message
+    other = [f for f in formats if f not in STATIC_FORMATS]
+
+    specs = figure_specs(history, config)
+    total = len(specs) * (len(static) + len(other)) + 5  # + metrics, config, events, npz, README
+    done = 0
+
+    def tick(label: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, label)
+
+    if progress is not None:
+        progress(0, total, "starting the browser" if static else "writing files")
+    # PNG at twice the pixels; SVG and PDF are vector, so scale 1 keeps their page size.
+    jobs = [(spec, fmt) for spec in specs for fmt in static]
+    renderer = None
+    if jobs:
+        try:
+            renderer = _Renderer(
+                [(spec.figure, fmt, PNG_SCALE if fmt == "png" else 1) for spec, fmt in jobs]
+            )
+        except StaticExportUnavailable as err:  # the browser went away since the check
+            skipped, jobs = str(err), []
+            total -= len(specs) * len(static)
+
+    n_rendered = 0
+
+    def rendered_one(i: int) -> None:
+        nonlocal n_rendered
+        n_rendered += 1
+        tick(f"{jobs[i][0].key}.{jobs[i][1]}")
+
+    def poll() -> None:
+        if renderer is not None:
+            renderer.poll(rendered_one)
+
+    by_path: dict[str, bytes] = {}
+    for spec in specs:
+        for fmt in other:
+            if fmt == "html":
+                data = to_html(spec.figure, filename=spec.filename).encode("utf-8")
+            else:
+                data = to_csv(spec)
+            by_path[f"figures/{spec.key}.{fmt}"] = data
+            tick(f"{spec.key}.{fmt}")
+            poll()
+    rest: list[tuple[str, bytes]] = []
+    metrics = io.StringIO()
+    history.to_csv(metrics)
+    rest.append(("metrics.csv", metrics.getvalue().encode("utf-8")))
+    rest.append(("config.json", (config.to_json() + "\n").encode("utf-8")))
+    events = [e.__dict__ for e in history.events]
+    rest.append(("events.json", (json.dumps(events, indent=2) + "\n").encode("utf-8")))
+    npz = io.BytesIO()
+    history.save_histograms_npz(npz)
+    rest.append(("histograms.npz", npz.getvalue()))
+    for name, _ in rest:
+        tick(name)
+        poll()
+
+    if renderer is not None:
+        try:
+            images = renderer.result(rendered_one)
+        except StaticExportUnavailable as err:  # the browser failed to start
+            skipped = str(err)
+            total -= len(jobs) - n_rendered  # done never passes total
+            images, jobs = [], []
+        for (spec, fmt), data in zip(jobs, images, strict=True):
+            by_path[f"figures/{spec.key}.{fmt}"] = data
+
+    # Figure files in chart order, each chart's in the order of ``formats``.
+    files = {
+        spec.key: [p for f in formats if (p := f"figures/{spec.key}.{f}") in by_path]
+        for spec in specs
+    }
+    out = [(path, by_path[path]) for spec in specs for path in files[spec.key]]
+    out += rest
+    out.append(("README.txt", _readme(history, config, specs, files, skipped).encode("utf-8")))
+    tick("README.txt")
+    return out
+
+
+# Already-compressed files are stored as they are; deflating them again costs time for
+# nothing. HTML (plotly.js, ~4.8 MB a figure) shrinks ~3x at the fastest level.
+_STORED = (".png", ".pdf", ".npz")
+
+
+def teaching_pack(
+    history: History,
+    config: RunConfig,
+    *,
+    formats: Iterable[str] = ALL_FORMATS,
+    progress: ProgressFn | None = None,
+) -> bytes:
+    """A zip with every chart of the Live training page in every format, and the run.
+
+    Contents: ``figures/<key>.<ext>`` for each chart and format, ``metrics.csv``,
+    ``config.json``, ``events.json``, ``histograms.npz`` and ``README.txt`` (each
+    figure's title and caption, the config in one line). Without a browser PNG, SVG and
+    PDF are left out and the README says why. ``progress(done, total, label)`` is
+    called as files are made (first with ``done = 0``).
+    """
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for path, data in _pack_files(history, config, formats, progress):
+            if path.endswith(_STORED):
+                zf.writestr(path, data, compress_type=zipfile.ZIP_STORED)
+            else:
+                zf.writestr(path, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
+    return buffer.getvalue()
+
+
+def write_export(
+    history: History,
+    config: RunConfig,
+    out_dir: str | os.PathLike[str],
+    formats: Iterable[str] = ALL_FORMATS,
+    progress: ProgressFn | None = None,
+) -> list[Path]:
+    """Write the teaching pack's files into ``out_dir`` (created); returns their paths."""
+    out = Path(out_dir)
+    files = _pack_files(history, config, formats, progress)
+    written = []
+    for rel, data in files:
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        written.append(path)
+    return written
