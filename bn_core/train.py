@@ -240,10 +240,14 @@ class Trainer:
             )
         return events
 
-    def status_line(self) -> str:
+    def status_line(self, activity: str | None = None) -> str:
+        """e.g. 'step 1,200 · 310 steps/s · cpu · plain: running, batchnorm: running'.
+
+        A UI passes its activity ('paused', ...) to show instead of the training rate.
+        """
         states = ", ".join(f"{s.name}: {s.label}" for s in self.status)
-        rate = f"{self.steps_per_second:,.0f} steps/s"
-        return f"step {self.step:,} · {rate} · {self.device.type} · {states}"
+        doing = activity or f"{self.steps_per_second:,.0f} steps/s"
+        return f"step {self.step:,} · {doing} · {self.device.type} · {states}"
 
     # --- one step ------------------------------------------------------------------------
     def _lrs(self) -> list[float]:

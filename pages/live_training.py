@@ -4,6 +4,7 @@ import streamlit as st
 
 from bn_core import figures
 from bn_core.config import FIELDS
+from bn_core.data import DATASETS
 from ui import session
 from ui.charts import show_chart
 
@@ -63,9 +64,8 @@ with st.sidebar:
         key="w_variants",
         help="; ".join(f"{k}: {v}" for k, v in session.VARIANT_HELP.items()),
     )
-    st.selectbox(
-        "Data set", list(session.DATASETS), key="w_dataset", format_func=session.dataset_label
-    )
+    st.selectbox("Data set", list(DATASETS), key="w_dataset")
+    st.caption(DATASETS[ss.w_dataset])
     if ss.w_dataset in ("moons", "circles", "spirals", "blobs"):
         st.slider("Data noise", 0.0, 1.0, step=0.05, key="w_noise")
     c1, c2 = st.columns(2)
@@ -122,20 +122,29 @@ if problem:
     st.error(f"The set-up in the sidebar is not valid: {problem}")
 elif differs:
     st.warning(
-        "Set-up changed (" + ", ".join(differs) + "). Press **Reset** to start a run with it; "
+        "Set-up changed ("
+        + ", ".join(f"{session.FIELD_LABELS.get(f, f)} ({f})" for f in differs)
+        + "). Press **Reset** to start a run with it; "
         "the current run continues until then."
     )
 
 b1, b2, b3, b4, _ = st.columns([1, 1, 1, 1, 4])
 b1.button(
     "Pause" if ss.playing else "Play",
-    on_click=session.toggle_play,
+    on_click=session.set_playing,
+    args=(not ss.playing,),
     type="primary",
     icon=":material/pause:" if ss.playing else ":material/play_arrow:",
     disabled=ss.trainer.finished,
     width="stretch",
 )
-b2.button("Step", on_click=session.step_once, icon=":material/skip_next:", width="stretch")
+b2.button(
+    "Step",
+    on_click=session.step_once,
+    args=(ss.trainer.step,),
+    icon=":material/skip_next:",
+    width="stretch",
+)
 b3.button(
     "Reset",
     on_click=session.reset,
@@ -162,7 +171,8 @@ def live_panel() -> None:
         if trainer.finished:
             ss.playing = False
             st.rerun()  # the whole page, so the Play button shows the finished state
-    st.markdown(f"**{trainer.status_line()}**")
+    activity = None if ss.playing else ("finished" if trainer.finished else "paused")
+    st.markdown(f"**{trainer.status_line(activity)}**")
     history = trainer.history
     show_chart(figures.loss_accuracy(history), "loss_accuracy", trainer)
     view = st.segmented_control(

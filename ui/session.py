@@ -20,7 +20,7 @@ from bn_core.config import (
     load_preset,
     to_query,
 )
-from bn_core.data import DATASETS, DatasetUnavailable
+from bn_core.data import DatasetUnavailable
 from bn_core.train import Trainer
 
 DEFAULT_PRESET = "ioffe-fig1"
@@ -144,6 +144,24 @@ def config_from_widgets() -> RunConfig:
     return ss.base_config.replace(**changes)
 
 
+FIELD_LABELS = {
+    "dataset": "Data set",
+    "noise": "Data noise",
+    "model": "Model",
+    "depth": "Hidden layers",
+    "width": "Units per layer",
+    "activation": "Activation",
+    "init": "Init",
+    "init_std": "Init std",
+    "variants": "Variants",
+    "placement": "BN placement",
+    "keep_bias": "Keep the linear bias",
+    "batch_size": "Batch size",
+    "seed": "Seed",
+    "device": "Device",
+}
+
+
 def pending_changes() -> tuple[RunConfig | None, list[str], str | None]:
     """(config from widgets, set-up fields that differ from the run, error message)."""
     try:
@@ -186,15 +204,19 @@ def reset() -> None:
     ss.message = ("success", "Started a fresh run with the set-up shown in the sidebar.")
 
 
-def toggle_play() -> None:
+def set_playing(on: bool) -> None:
+    """Play or pause. It sets the state the button showed rather than toggling, so a
+    click the browser delivers twice cannot undo itself."""
     ss = st.session_state
-    ss.playing = not ss.playing and not ss.trainer.finished
+    ss.playing = on and not ss.trainer.finished
 
 
-def step_once() -> None:
+def step_once(at_step: int) -> None:
+    """One step from the step the button was drawn at; a repeated click does nothing."""
     ss = st.session_state
     ss.playing = False
-    ss.trainer.advance(steps=1)
+    if ss.trainer.step == at_step:
+        ss.trainer.advance(steps=1)
 
 
 def show_message() -> None:
@@ -203,10 +225,6 @@ def show_message() -> None:
         kind, text = ss.message
         getattr(st, kind)(text)
         ss.message = None
-
-
-def dataset_label(name: str) -> str:
-    return f"{name}: {DATASETS[name]}"
 
 
 def preset_label(name: str) -> str:
