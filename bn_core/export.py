@@ -62,6 +62,17 @@ __all__ = [
 PAGE = "live"  # the page the pack's figures come from
 STATIC_FORMATS = ("png", "svg", "pdf")
 ALL_FORMATS = (*STATIC_FORMATS, "html", "csv")
+# The figures of the Live training page, by spec key, with the names a menu shows.
+SPEC_TITLES = {
+    "loss_accuracy": "Training loss and test accuracy",
+    "preact_heatmaps": "Distributions of the sigmoid input over time (heatmaps)",
+    "histogram_overlay": "Histograms of the sigmoid input at one step",
+    "saturation": "Saturation per layer",
+    "grad_norms": "Gradient norm per layer",
+    "percentile_bands": "Fig. 1 percentile bands, whole layer",
+    "percentile_bands_unit": "Fig. 1 percentile bands, one unit (as in the paper)",
+    "update_ratio": "Update:data ratio per layer",
+}
 HISTOGRAM_COLUMNS = ["step", "variant", "layer", "bin_low", "bin_high", "count"]
 # Print figures are sized for a 16:9 slide or an A4 page in landscape; the print theme
 # sets each figure's height from its rows of panels.
@@ -659,6 +670,25 @@ def _pack_files(
 
 # Already-compressed files are stored as they are; deflating them again costs time for
 # nothing. HTML (plotly.js, ~4.8 MB a figure) shrinks ~3x at the fastest level.
+def chart_files(spec: FigureSpec, formats: Iterable[str] = ALL_FORMATS) -> dict[str, bytes]:
+    """One chart in several formats, ext -> bytes; the static ones share one browser session.
+
+    Static formats are left out (not an error) when no browser is available, so a caller
+    can still offer HTML and CSV; :func:`static_export_available` says why.
+    """
+    formats = _check_formats(formats)
+    out: dict[str, bytes] = {}
+    if "html" in formats:
+        out["html"] = to_html(spec.figure, filename=spec.filename).encode()
+    if "csv" in formats:
+        out["csv"] = to_csv(spec)
+    static = [f for f in formats if f in STATIC_FORMATS]
+    if static and static_export_available()[0]:
+        jobs = [(spec.figure, f, PNG_SCALE if f == "png" else 1) for f in static]
+        out.update(zip(static, _Renderer(jobs).result(), strict=True))
+    return out
+
+
 _STORED = (".png", ".pdf", ".npz")
 
 

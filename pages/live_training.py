@@ -7,6 +7,7 @@ from bn_core.config import FIELDS
 from bn_core.data import DATASETS
 from ui import session
 from ui.charts import show_chart
+from ui.export_panel import export_panel
 
 TICK_SECONDS = 0.25  # one redraw per tick: at least 4 per second
 TRAIN_SECONDS = 0.12  # training time per tick, leaving the rest of the tick for drawing
@@ -213,3 +214,4 @@ def live_panel() -> None:
 
 
 live_panel()
+export_panel(ss.trainer)

@@ -1,0 +1,88 @@
+"""The export panel: a page's charts as print-ready files, its data, and a teaching pack."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from bn_core import export
+from bn_core.train import Trainer
+
+_MIME = {
+    "png": "image/png",
+    "svg": "image/svg+xml",
+    "pdf": "application/pdf",
+    "html": "text/html",
+    "csv": "text/csv",
+    "zip": "application/zip",
+}
+
+
+def _prepare_chart(trainer: Trainer, key: str) -> None:
+    """Render one chart in every format from the run as it is now (one browser session)."""
+    specs = export.figure_specs(trainer.history, trainer.config)
+    spec = next(s for s in specs if s.key == key)
+    with st.spinner(f"Rendering {spec.title} as PNG, SVG, PDF, HTML and CSV..."):
+        files = export.chart_files(spec)
+    st.session_state.export_chart = (key, spec.filename, files)
+
+
+def _prepare_pack(trainer: Trainer) -> None:
+    bar = st.progress(0.0, text="Building the teaching pack...")
+
+    def progress(done: int, total: int, label: str) -> None:
+        bar.progress(done / max(total, 1), text=f"Teaching pack: {label} ({done}/{total})")
+
+    data = export.teaching_pack(trainer.history, trainer.config, progress=progress)
+    bar.empty()
+    name = export.figure_filename(export.PAGE, "teaching-pack", trainer.variant_names, trainer.step)
+    st.session_state.export_pack = (name, data)
+
+
+def export_panel(trainer: Trainer) -> None:
+    """Per chart: PNG, SVG, PDF (server-side, print theme), offline HTML and CSV; plus the
+    config and a zip of everything. Files are made on request from the run as it is then."""
+    ss = st.session_state
+    with st.expander("Export figures and data", icon=":material/ios_share:"):
+        available, why = export.static_export_available()
+        if not available:
+            st.info(f"{why} HTML, CSV and the config still export.")
+        st.caption(
+            "Files use the print theme (white background, large type, thick lines) and "
+            "capture the run at the moment you press a button; pause first for a fixed step."
+        )
+        keys = {s: export.SPEC_TITLES[s] for s in export.SPEC_TITLES}
+        c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+        key = c1.selectbox("Chart", list(keys), format_func=keys.get, key="w_export_chart")
+        if c2.button("Prepare files", icon=":material/image:", width="stretch"):
+            _prepare_chart(trainer, key)
+        prepared = ss.get("export_chart")
+        if prepared and prepared[0] == key:
+            _, filename, files = prepared
+            cols = st.columns(len(files))
+            for col, (ext, data) in zip(cols, files.items(), strict=True):
+                col.download_button(
+                    ext.upper(),
+                    data,
+                    file_name=f"{filename}.{ext}",
+                    mime=_MIME[ext],
+                    key=f"dl_chart_{ext}",
+                    width="stretch",
+                )
+        st.divider()
+        c1, c2 = st.columns(2)
+        if c1.button(
+            "Build teaching pack (zip)",
+            icon=":material/folder_zip:",
+            help="Every chart in every format, metrics.csv, config.json and a README.txt",
+        ):
+            _prepare_pack(trainer)
+        if ss.get("export_pack"):
+            name, data = ss.export_pack
+            c2.download_button(
+                f"Download {name}.zip ({len(data) / 1e6:.1f} MB)",
+                data,
+                file_name=f"{name}.zip",
+                mime=_MIME["zip"],
+                key="dl_pack",
+                icon=":material/download:",
+            )
