@@ -734,3 +734,33 @@ def write_export(
         path.write_bytes(data)
         written.append(path)
     return written
+
+
+def load_run_dir(run_dir: str | os.PathLike[str]) -> tuple[RunConfig, History]:
+    """A finished CLI run (config.json, metrics.csv, histograms.npz, events.json) as a
+    config and History again, so its figures can be exported without training."""
+    run_dir = Path(run_dir)
+    config = RunConfig.from_json((run_dir / "config.json").read_bytes())
+    history = History(config.max_points, config.max_histograms)
+    metrics = pd.read_csv(run_dir / "metrics.csv", keep_default_na=False)
+    for row in metrics.itertuples(index=False):
+        history.add(int(row.step), str(row.variant), str(row.layer), str(row.metric), row.value)
+    npz_path = run_dir / "histograms.npz"
+    if npz_path.exists():
+        with np.load(npz_path) as arrays:
+            for name in arrays.files:
+                parts = name.split("/")
+                if len(parts) == 2 and parts[1] == "edges":
+                    history.set_bin_edges(parts[0], arrays[name])
+            for name in arrays.files:
+                parts = name.split("/")
+                if len(parts) == 4 and parts[3] == "steps":
+                    kind, variant, layer = parts[:3]
+                    counts = arrays[f"{kind}/{variant}/{layer}/counts"]
+                    for step, row in zip(arrays[name], counts, strict=True):
+                        history.add_histogram(int(step), variant, layer, kind, row)
+    events_path = run_dir / "events.json"
+    if events_path.exists():
+        for event in json.loads(events_path.read_text()):
+            history.add_event(event["step"], event["name"], event["old"], event["new"])
+    return config, history
