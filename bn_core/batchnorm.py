@@ -15,44 +15,93 @@ inv_std from the forward pass (plus gamma, a parameter), the same as torch's fus
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 __all__ = ["BatchNorm", "batch_norm_train"]
 
 
+def _reduce_dims(ndim: int) -> tuple[int, ...]:
+    """The dimensions a (N, C, *) input is averaged over: all but the channel dim 1."""
+    return (0, *range(2, ndim))
+
+
+@functools.lru_cache(maxsize=256)
+def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached 0-dim tensor holding value; never modified.
+
+    An op given a Python float wraps it in a fresh tensor on every call, which at this
+    lab's layer sizes costs about as much as the op itself.
+    """
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
 class _BatchNormTrain(torch.autograd.Function):
-    """y = gamma * (x - mu_B) / sqrt(var_B + eps) + beta with batch statistics."""
+    """y = gamma * (x - mu_B) / sqrt(var_B + eps) + beta with batch statistics.
+
+    At this lab's layer sizes (60 x 100) every tensor op costs about as much as its
+    launch, so the code counts ops: (N, C) inputs take a keepdim-free path where (C,)
+    vectors broadcast as they are, and the statistics go to ``stats(mu_B, sum_sq, m)``
+    (sum_sq = m * var_B), or nowhere, instead of being extra autograd outputs.
+    """
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, dims, eps, grad_through_stats):
-        mu = x.mean(dims, keepdim=True)
-        x_hat = x - mu
-        # Centered two-pass variance: E[x^2] - E[x]^2 cancels catastrophically in
-        # float32 when |mean| >> std and can go negative (then sqrt gives NaN).
-        var = x_hat.square().mean(dims, keepdim=True)
-        inv_std = (var + eps).rsqrt_()
+    def forward(ctx, x, gamma, beta, eps, grad_through_stats, stats):
+        if x.dim() == 2:
+            m = x.shape[0]
+            mu = x.mean(0)
+            x_hat = x - mu
+            # Centered two-pass variance: E[x^2] - E[x]^2 cancels catastrophically in
+            # float32 when |mean| >> std and can go negative (then sqrt gives NaN).
+            sum_sq = torch.linalg.vecdot(x_hat, x_hat, dim=0)
+            g, b = gamma, beta
+        else:
+            dims = _reduce_dims(x.dim())
+            m = x.numel() // x.shape[1]
+            mu = x.mean(dims, keepdim=True)
+            x_hat = x - mu
+            sum_sq = x_hat.square().sum(dims, keepdim=True)
+            if gamma is not None:
+                g, b = gamma.view(mu.shape), beta.view(mu.shape)
+        # var + eps = eps + sum_sq / m in one op
+        inv_std = torch.add(_scalar(eps, x.dtype, x.device), sum_sq, alpha=1.0 / m).rsqrt_()
         x_hat.mul_(inv_std)  # x_hat is our own temporary: scale it in place
-        y = x_hat if gamma is None else torch.addcmul(beta, x_hat, gamma)
+        y = x_hat if gamma is None else torch.addcmul(b, x_hat, g)
         ctx.save_for_backward(x_hat, inv_std, gamma)
-        ctx.dims = dims
+        ctx.m = m
         ctx.grad_through_stats = grad_through_stats
-        ctx.mark_non_differentiable(mu, var)
-        return y, mu, var
+        if stats is not None:
+            stats(mu, sum_sq, m) if x.dim() == 2 else stats(mu.view(-1), sum_sq.view(-1), m)
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _dmu, _dvar):
+    def backward(ctx, dy):
         x_hat, inv_std, gamma = ctx.saved_tensors
-        dims = ctx.dims
-        dgamma = dbeta = None
-        if gamma is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
-            # dL/dgamma = sum_i dy_i * x_hat_i ;  dL/dbeta = sum_i dy_i
-            dbeta = dy.sum(dims, keepdim=True)
-            dgamma = (dy * x_hat).sum(dims, keepdim=True)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            scale = inv_std if gamma is None else gamma * inv_std
-            if not ctx.grad_through_stats:
+        need_x, need_gamma, need_beta = ctx.needs_input_grad[:3]
+        through_stats = need_x and ctx.grad_through_stats
+        flat = dy.dim() == 2
+        # Per-channel sums: (C,) for (N, C), keepdim (1, C, 1, ...) otherwise, so they
+        # broadcast against dy without a view.
+        #   dL/dbeta = sum_i dy_i ;  dL/dgamma = sum_i dy_i * x_hat_i
+        sum_dy = sum_dy_xhat = dx = None
+        if flat:
+            if need_beta or through_stats:
+                sum_dy = dy.sum(0)
+            if need_gamma or through_stats:
+                sum_dy_xhat = torch.linalg.vecdot(dy, x_hat, dim=0)
+            g = gamma
+        else:
+            dims = _reduce_dims(dy.dim())
+            if need_beta or through_stats:
+                sum_dy = dy.sum(dims, keepdim=True)
+            if need_gamma or through_stats:
+                sum_dy_xhat = (dy * x_hat).sum(dims, keepdim=True)
+            g = None if gamma is None else gamma.view(inv_std.shape)
+        if need_x:
+            scale = inv_std if g is None else g * inv_std
+            if not through_stats:
                 # Naive gradient (section 2 of the paper): mu and var held constant,
                 #   dL/dx_i = gamma * inv_std * dy_i
                 dx = dy * scale
@@ -60,18 +109,18 @@ class _BatchNormTrain(torch.autograd.Function):
                 # Through the statistics, with g_i = dL/dx_hat_i = gamma * dy_i:
                 #   dL/dx_i = inv_std * (g_i - mean(g) - x_hat_i * mean(g * x_hat))
                 #           = gamma * inv_std * (dy_i - mean(dy) - x_hat_i * mean(dy * x_hat))
-                if dbeta is None:
-                    dbeta = dy.sum(dims, keepdim=True)
-                    dgamma = (dy * x_hat).sum(dims, keepdim=True)
-                m = dy.numel() // dbeta.numel()
-                dx = dy - dbeta / m
-                dx.addcmul_(x_hat, dgamma, value=-1.0 / m)
+                m = ctx.m
+                dx = torch.addcmul(dy, x_hat, sum_dy_xhat, value=-1.0 / m)
+                dx.sub_(sum_dy, alpha=1.0 / m)
                 dx.mul_(scale)
         if gamma is None:
             return dx, None, None, None, None, None
         # Only a gradient that was asked for is returned as one.
-        dgamma = dgamma if ctx.needs_input_grad[1] else None
-        dbeta = dbeta if ctx.needs_input_grad[2] else None
+        dgamma = dbeta = None
+        if need_gamma:
+            dgamma = sum_dy_xhat if flat else sum_dy_xhat.view(-1)
+        if need_beta:
+            dbeta = sum_dy if flat else sum_dy.view(-1)
         return dx, dgamma, dbeta, None, None, None
 
 
@@ -83,12 +132,11 @@ def batch_norm_train(
     grad_through_stats: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalize x of shape (N, C, *) with its batch statistics; returns (y, mu_B, var_B)."""
-    dims = (0,) if x.dim() == 2 else (0, *range(2, x.dim()))
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    if gamma is not None:
-        gamma, beta = gamma.view(shape), beta.view(shape)
-    y, mu, var = _BatchNormTrain.apply(x, gamma, beta, dims, eps, grad_through_stats)
-    return y, mu.reshape(-1), var.reshape(-1)
+    stats: list[torch.Tensor] = []
+    y = _BatchNormTrain.apply(
+        x, gamma, beta, eps, grad_through_stats, lambda mu, ss, m: stats.extend((mu, ss / m))
+    )
+    return y, stats[0], stats[1]
 
 
 class BatchNorm(nn.Module):
@@ -201,23 +249,37 @@ class BatchNorm(nn.Module):
                 "one value per channel, because the variance of a single value is 0 and "
                 "normalizing it divides by sqrt(eps). Use a batch of at least 2, or .eval()."
             )
-        y, mu, var = batch_norm_train(x, self.weight, self.bias, self.eps, self.grad_through_stats)
-        if self.training and self.track_running_stats:
-            self._update_running_stats(mu, var, values_per_channel)
-        return y
+        # The running statistics are updated inside the Function's forward, which runs
+        # without grad, from mu_B and var_B that never become autograd outputs.
+        # Parameters are read from _parameters: nn.Module.__getattr__ is a Python
+        # fallback that costs about a small tensor op per lookup.
+        params = self._parameters
+        return _BatchNormTrain.apply(
+            x,
+            params["weight"],
+            params["bias"],
+            self.eps,
+            self.grad_through_stats,
+            self._update_running_stats if self.training and self.track_running_stats else None,
+        )
 
-    @torch.no_grad()
-    def _update_running_stats(self, mu: torch.Tensor, var: torch.Tensor, m: int) -> None:
+    def _update_running_stats(self, mu: torch.Tensor, sum_sq: torch.Tensor, m: int) -> None:
         # PyTorch's contract: running = (1 - f) * running + f * batch, with f = momentum,
         # or f = 1 / num_batches_tracked (a cumulative average) when momentum is None.
-        # running_var takes the unbiased batch variance, m / (m - 1) * var_B.
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked)
-        else:
-            factor = self.momentum
-        self.running_mean.lerp_(mu.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_((var * (m / (m - 1))).to(self.running_var.dtype), factor)
+        # running_var takes the unbiased batch variance, sum_sq / (m - 1).
+        # Called from Function.forward: no grad, and mu / sum_sq carry no history.
+        buffers = self._buffers  # not self.running_mean: see forward
+        num_batches = buffers["num_batches_tracked"]
+        num_batches.add_(1)
+        factor = self.momentum
+        if factor is None:
+            factor = 1.0 / float(num_batches)
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        var = sum_sq * _scalar(1.0 / (m - 1), sum_sq.dtype, sum_sq.device)
+        if mu.dtype != running_mean.dtype:  # low-precision input, float32 buffers
+            mu, var = mu.to(running_mean.dtype), var.to(running_var.dtype)
+        running_mean.lerp_(mu, factor)
+        running_var.lerp_(var, factor)
 
     def extra_repr(self) -> str:
         return (

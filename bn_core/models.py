@@ -64,39 +64,45 @@ def _init_weight(shape_in: int, shape_out: int, config: RunConfig, gen: torch.Ge
 class _NormGroups(nn.Module):
     """Applies each variant's normalization to its slice of a (V, N, C) activation.
 
-    Variants that share a normalization kind share one BN module over V_g * C features:
-    per-feature statistics over N are exactly per-variant, per-channel statistics.
+    Consecutive variants with the same normalization form a run that shares one BN module
+    over V_run * C features: per-feature statistics over N are exactly per-variant,
+    per-channel statistics. Runs are contiguous slices, so no gather or scatter is needed.
     """
 
     def __init__(self, specs: tuple[VariantSpec, ...], width: int, bn_momentum: float | None):
         super().__init__()
         self.width = width
-        kinds = [s.norm for s in specs if s.uses_bn]
-        self.kinds = list(dict.fromkeys(kinds))
-        self.groups = nn.ModuleList()
-        order: list[int] = [i for i, s in enumerate(specs) if not s.uses_bn]
-        self.plain_index: list[int] = list(order)
-        self.group_index: list[list[int]] = []
-        for kind in self.kinds:
-            index = [i for i, s in enumerate(specs) if s.norm == kind]
-            self.group_index.append(index)
-            self.groups.append(make_norm(kind, len(index) * width, 1, bn_momentum))
-            order += index
-        self.identity_order = order == list(range(len(specs)))
-        self.register_buffer("inverse_order", torch.argsort(torch.tensor(order)), persistent=False)
+        self.runs: list[tuple[int, int, str]] = []  # (start, stop, norm)
+        for i, spec in enumerate(specs):
+            if self.runs and self.runs[-1][2] == spec.norm:
+                self.runs[-1] = (self.runs[-1][0], i + 1, spec.norm)
+            else:
+                self.runs.append((i, i + 1, spec.norm))
+        bn_runs = [r for r in self.runs if r[2] != "none"]
+        self.kinds = [norm for _, _, norm in bn_runs]
+        self.group_index = [list(range(a, b)) for a, b, _ in bn_runs]
+        self.groups = nn.ModuleList(
+            [make_norm(norm, (b - a) * width, 1, bn_momentum) for a, b, norm in bn_runs]
+        )
+        # The module that normalizes each run, None for the plain ones.
+        modules = iter(self.groups)
+        self._run_modules = [None if norm == "none" else next(modules) for *_, norm in self.runs]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if not self.groups:
             return h
         V, N, C = h.shape
-        pieces = [h[self.plain_index]] if self.plain_index else []
-        for index, bn in zip(self.group_index, self.groups, strict=True):
-            part = h if len(index) == V else h[index]
-            g = len(index)
-            flat = part.permute(1, 0, 2).reshape(N, g * C)
-            pieces.append(bn(flat).reshape(N, g, C).permute(1, 0, 2))
-        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
-        return out if self.identity_order else out[self.inverse_order]
+        pieces = []
+        for (a, b, _), bn in zip(self.runs, self._run_modules, strict=True):
+            part = h if b - a == V else h[a:b]
+            if bn is None:
+                pieces.append(part)
+            elif b - a == 1:
+                pieces.append(bn(part.view(N, C)).unsqueeze(0))
+            else:
+                flat = part.permute(1, 0, 2).reshape(N, (b - a) * C)
+                pieces.append(bn(flat).view(N, b - a, C).permute(1, 0, 2))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
 
     def stats(self, variant: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(running_mean, running_var) of one variant, or None if it has no BN here."""

@@ -6,8 +6,10 @@ few tensor ops however many variants a run has, and its numbers reach the host i
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -16,7 +18,12 @@ __all__ = [
     "histogram_rows",
     "postact_range",
     "quantiles_of_sorted",
+    "histogram_of_sorted",
+    "preact_edges",
+    "saturation_cut",
     "saturation_fraction",
+    "share_outside",
+    "sort_rows",
     "update_ratio",
 ]
 
@@ -26,19 +33,39 @@ FIG1_PERCENTILES = (15.0, 50.0, 85.0)
 BAND_PERCENTILES = (0.0, 6.68, 15.87, 30.85, 50.0, 69.15, 84.13, 93.32, 100.0)
 
 
+def sort_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Each row of a (rows, n) tensor sorted ascending.
+
+    On the CPU numpy's vectorized sort is about 20x faster than torch.sort for the
+    30,000-value rows a logged step sorts, which keeps telemetry cheap.
+    """
+    if rows.device.type == "cpu":
+        return torch.from_numpy(np.sort(rows.detach().numpy(), axis=1))
+    return rows.sort(dim=1).values
+
+
+@functools.lru_cache(maxsize=64)
+def _ranks(
+    n: int, percentiles: tuple[float, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lower rank, upper rank, weight of the upper) for each percentile of n values."""
+    pos = torch.tensor(percentiles, dtype=torch.float64) / 100.0 * (n - 1)
+    lo = pos.floor().long().clamp(0, n - 1)
+    hi = (lo + 1).clamp(max=n - 1)
+    frac = (pos - lo).to(dtype)
+    return lo.to(device), hi.to(device), frac.to(device)
+
+
 def quantiles_of_sorted(sorted_rows: torch.Tensor, percentiles: tuple[float, ...]) -> torch.Tensor:
     """Percentiles of each row of an already sorted (rows, n) tensor.
 
     Linear interpolation between closest ranks, the same rule as numpy.percentile's default.
     """
-    n = sorted_rows.shape[-1]
-    pos = torch.tensor(percentiles, dtype=torch.float64) / 100.0 * (n - 1)
-    lo = pos.floor().long().clamp(0, n - 1)
-    hi = (lo + 1).clamp(max=n - 1)
-    frac = (pos - lo).to(sorted_rows.dtype).to(sorted_rows.device)
-    lo, hi = lo.to(sorted_rows.device), hi.to(sorted_rows.device)
-    a, b = sorted_rows[..., lo], sorted_rows[..., hi]
-    return a + (b - a) * frac
+    lo, hi, frac = _ranks(
+        sorted_rows.shape[-1], tuple(percentiles), sorted_rows.dtype, sorted_rows.device
+    )
+    a = sorted_rows[..., lo]
+    return torch.lerp(a, sorted_rows[..., hi], frac)
 
 
 def histogram_rows(rows: torch.Tensor, low: float, high: float, bins: int) -> torch.Tensor:
@@ -52,6 +79,57 @@ def histogram_rows(rows: torch.Tensor, low: float, high: float, bins: int) -> to
     index = scaled.nan_to_num(nan=0.0).floor().clamp_(0, bins - 1).long()
     index += torch.arange(r, device=rows.device).unsqueeze(1) * bins
     return torch.bincount(index.flatten(), minlength=r * bins).view(r, bins)
+
+
+def histogram_of_sorted(sorted_rows: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Counts of each sorted row over the bins of `edges`, like :func:`histogram_rows`.
+
+    A bin's lower edge belongs to it; values below the first or above the last edge go to
+    the first or last bin. Binary search on sorted values makes this O(bins log n).
+    """
+    rows, n = sorted_rows.shape
+    inner = edges[1:-1].to(sorted_rows.dtype).contiguous().expand(rows, -1).contiguous()
+    below = torch.searchsorted(sorted_rows, inner, side="left")  # values < each inner edge
+    zeros = torch.zeros(rows, 1, dtype=below.dtype, device=below.device)
+    full = torch.full((rows, 1), n, dtype=below.dtype, device=below.device)
+    return torch.diff(torch.cat([zeros, below, full], dim=1), dim=1)
+
+
+def share_outside(sorted_rows: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Per sorted row: the share of values < low or > high."""
+    rows, n = sorted_rows.shape
+    low_cut = torch.full((rows, 1), low, dtype=sorted_rows.dtype, device=sorted_rows.device)
+    high_cut = torch.full((rows, 1), high, dtype=sorted_rows.dtype, device=sorted_rows.device)
+    below = torch.searchsorted(sorted_rows, low_cut, side="left")[:, 0]
+    above = n - torch.searchsorted(sorted_rows, high_cut, side="right")[:, 0]
+    return (below + above).to(torch.float32) / n
+
+
+def saturation_cut(activation: str, threshold: float) -> float | None:
+    """The nonlinearity's input beyond which its output is saturated (None for ReLU).
+
+    sigmoid(x) > t  <=>  x > log(t / (1 - t));  |tanh(x)| > t  <=>  |x| > atanh(t).
+    """
+    if activation == "sigmoid":
+        return math.log(threshold / (1.0 - threshold))
+    if activation == "tanh":
+        return math.atanh(threshold)
+    return None
+
+
+def preact_edges(activation: str, post_edges: torch.Tensor) -> torch.Tensor:
+    """Bin edges on the nonlinearity's input that map to `post_edges` on its output.
+
+    The activations are monotone, so a histogram of outputs is a histogram of inputs over
+    the inverse edges; only the interior edges are used, so logit(0) = -inf never occurs.
+    """
+    inner = post_edges[1:-1].double()
+    if activation == "sigmoid":
+        inner = torch.log(inner / (1.0 - inner))
+    elif activation == "tanh":
+        inner = torch.atanh(inner)
+    # relu: an output below e > 0 is exactly an input below e
+    return torch.cat([post_edges[:1].double(), inner, post_edges[-1:].double()]).float()
 
 
 def postact_range(activation: str, hist_range: float) -> tuple[float, float]:

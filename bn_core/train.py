@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,10 +22,12 @@ from bn_core.models import LayerRecord, build_model
 from bn_core.probes import (
     BAND_PERCENTILES,
     FIG1_PERCENTILES,
-    histogram_rows,
     postact_range,
+    preact_edges,
     quantiles_of_sorted,
+    saturation_cut,
     saturation_fraction,
+    sort_rows,
     update_ratio,
 )
 
@@ -41,7 +44,7 @@ _PROBE_METRICS = (
     "preact_clipped",
     "saturation",
 )
-_STATS_EXAMPLES = 2048  # train examples used as "the training set" for running-stat error
+_STATS_EXAMPLES = 1024  # train examples used as "the training set" for running-stat error
 
 
 class DeviceUnavailable(ConfigError):
@@ -94,6 +97,7 @@ class _LockstepOptimizer:
         self.state = [torch.zeros_like(p) for p in self.params]
         self.state2 = [torch.zeros_like(p) for p in self.params] if kind == "adam" else None
         self.t = 0
+        self._momentum_fresh = momentum == 0
         self.set_lrs(lrs)
 
     def set_lrs(self, lrs: list[float]) -> None:
@@ -109,23 +113,38 @@ class _LockstepOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         self.t += 1
-        for i, p in enumerate(self.params):
-            g = p.grad
-            if g is None:
-                continue
-            if self.kind == "sgd":
-                # PyTorch's SGD: buf = momentum * buf + g ; p -= lr * buf
-                buf = self.state[i]
-                buf.mul_(self.momentum).add_(g)
-                p.addcmul_(self.lr_of[i], buf, value=-1.0)
-            else:
-                # Adam (Kingma & Ba) with beta1 = momentum-free defaults 0.9, 0.999.
-                m, v = self.state[i], self.state2[i]
-                m.lerp_(g, 0.1)
-                v.mul_(0.999).addcmul_(g, g, value=0.001)
-                m_hat = m / (1 - 0.9**self.t)
-                v_hat = v / (1 - 0.999**self.t)
-                p.addcmul_(self.lr_of[i], m_hat / (v_hat.sqrt_() + 1e-8), value=-1.0)
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        params = [self.params[i] for i in live]
+        grads = [self.params[i].grad for i in live]
+        lrs = [self.lr_of[i] for i in live]
+        # One fused call per update rule over all parameters: at these sizes the cost of a
+        # step is the number of ops, not their arithmetic.
+        if self.kind == "sgd":
+            if self.momentum == 0:
+                torch._foreach_addcmul_(params, lrs, grads, value=-1.0)
+                self._momentum_fresh = True
+                return
+            bufs = [self.state[i] for i in live]
+            if self._momentum_fresh:
+                # As torch's SGD: momentum switched on starts from the current gradient.
+                torch._foreach_zero_(bufs)
+                self._momentum_fresh = False
+            # PyTorch's SGD: buf = momentum * buf + g ; p -= lr * buf
+            torch._foreach_mul_(bufs, self.momentum)
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_addcmul_(params, lrs, bufs, value=-1.0)
+            return
+        # Adam (Kingma & Ba) with its default betas 0.9 and 0.999.
+        ms = [self.state[i] for i in live]
+        vs = [self.state2[i] for i in live]
+        torch._foreach_lerp_(ms, grads, 0.1)
+        torch._foreach_mul_(vs, 0.999)
+        torch._foreach_addcmul_(vs, grads, grads, value=0.001)
+        denom = torch._foreach_sqrt(torch._foreach_div(vs, 1 - 0.999**self.t))
+        torch._foreach_add_(denom, 1e-8)
+        steps = torch._foreach_div(ms, denom)
+        torch._foreach_mul_(steps, lrs)
+        torch._foreach_add_(params, steps, alpha=-1.0 / (1 - 0.9**self.t))
 
 
 class Trainer:
@@ -164,12 +183,19 @@ class Trainer:
             self.model, config.optimizer, self._lrs(), config.momentum
         )
         self.history = History(config.max_points, config.max_histograms)
-        lo, hi = postact_range(config.activation, config.hist_range)
-        bins = config.hist_bins
-        self.history.set_bin_edges(
-            "preact", torch.linspace(-config.hist_range, config.hist_range, bins + 1).numpy()
-        )
+        h, bins = config.hist_range, config.hist_bins
+        lo, hi = postact_range(config.activation, h)
+        self.history.set_bin_edges("preact", torch.linspace(-h, h, bins + 1).numpy())
         self.history.set_bin_edges("postact", torch.linspace(lo, hi, bins + 1).numpy())
+        # The probe's search boundaries on the nonlinearity's input: the inner edges of
+        # the input histogram, the inner edges of the output histogram mapped back through
+        # the (monotone) nonlinearity, the histogram range, and the saturation cut-offs.
+        cut = saturation_cut(config.activation, config.saturation_threshold)
+        post_edges = preact_edges(config.activation, torch.linspace(lo, hi, bins + 1))
+        parts = [torch.linspace(-h, h, bins + 1)[1:-1], post_edges[1:-1], torch.tensor([-h, h])]
+        if cut is not None:
+            parts.append(torch.tensor([-cut, cut]))
+        self._probe_cuts = torch.cat(parts).float().to(dev).unsqueeze(0)
         self.step = 0
         self.steps_per_second = 0.0
         self._batch_gen = torch.Generator().manual_seed(config.seed + 1)
@@ -271,7 +297,8 @@ class Trainer:
         cfg = self.config
         x, y = self._next_batch()
         logging = self.step % cfg.telemetry_every == 0
-        self.model.train()
+        if not self.model.training:  # switching walks every module: only when needed
+            self.model.train()
         logits, records = self.model(x, record=logging)
         if logging:
             for r in records:
@@ -370,46 +397,63 @@ class Trainer:
         self._restore_buffers(saved)
         if not running:
             return
-        idx = torch.tensor(running, device=self.device)
-        R, h = len(running), cfg.hist_range
-        lo, hi = postact_range(cfg.activation, h)
-        columns, pre_hists, post_hists = [], [], []
+        R = len(running)
+        every = len(self.variant_names) == R
+        idx = None if every else torch.tensor(running, device=self.device)
+        cuts = self._probe_cuts.expand(R, -1).contiguous()
+        columns, below = [], []
         # Layers differ in size (conv vs fc), so each is one (variants, values) block.
+        # Sorting once gives the percentiles, and one binary search of all bin edges and
+        # cut-offs gives both histograms, the clipped share and the saturation.
         for rec in records:
-            pre = rec.preact[idx].reshape(R, -1)
-            post = rec.postact[idx]
+            preact = rec.preact if every else rec.preact[idx]
+            pre = preact.reshape(R, -1)
             # One unit (one channel of a conv layer), as Fig. 1 follows one sigmoid.
-            unit = rec.preact[idx][:, :, cfg.probe_unit].reshape(R, -1)
-            pre_sorted = pre.sort(dim=1).values
+            unit = preact[:, :, cfg.probe_unit].reshape(R, -1)
+            pre_sorted = sort_rows(pre)
+            mean = pre.mean(1, keepdim=True)
+            centered = pre - mean
+            var = torch.linalg.vecdot(centered, centered, dim=1) / (pre.shape[1] - 1)
             columns.append(
                 torch.cat(
                     [
-                        quantiles_of_sorted(pre_sorted, FIG1_PERCENTILES),
-                        quantiles_of_sorted(pre_sorted, BAND_PERCENTILES),
-                        quantiles_of_sorted(unit.sort(dim=1).values, FIG1_PERCENTILES),
-                        pre.mean(1, keepdim=True),
-                        pre.std(1, keepdim=True),
-                        (pre.abs() > h).float().mean(1, keepdim=True),
-                        saturation_fraction(
-                            post, cfg.activation, cfg.saturation_threshold
-                        ).unsqueeze(1),
+                        quantiles_of_sorted(pre_sorted, FIG1_PERCENTILES + BAND_PERCENTILES),
+                        quantiles_of_sorted(sort_rows(unit), FIG1_PERCENTILES),
+                        mean,
+                        var.sqrt().unsqueeze(1),
                     ],
                     dim=1,
                 )
             )
-            pre_hists.append(histogram_rows(pre, -h, h, cfg.hist_bins))
-            post_hists.append(histogram_rows(post.reshape(R, -1), lo, hi, cfg.hist_bins))
+            below.append(torch.searchsorted(pre_sorted, cuts))
         # One copy to the host for all numbers of this logged step.
-        table = torch.stack(columns).float().cpu().numpy()
-        pre_np = torch.stack(pre_hists).cpu().numpy()
-        post_np = torch.stack(post_hists).cpu().numpy()
+        table = torch.stack(columns).double().cpu().numpy()
+        below_np = [b.cpu().numpy() for b in below]
+        bins = cfg.hist_bins
         for li, rec in enumerate(records):
+            n = rec.preact[0].numel()
+            counts = below_np[li]  # (R, cuts): values below each cut
+            pre_hist = np.diff(counts[:, : bins - 1], prepend=0, append=n)
+            post_hist = np.diff(counts[:, bins - 1 : 2 * bins - 2], prepend=0, append=n)
+            clip_lo, clip_hi = counts[:, 2 * bins - 2], counts[:, 2 * bins - 1]
+            clipped = (clip_lo + n - clip_hi) / n
+            if counts.shape[1] > 2 * bins:
+                sat_lo, sat_hi = counts[:, 2 * bins], counts[:, 2 * bins + 1]
+                saturation = (sat_lo + n - sat_hi) / n
+            else:
+                post = rec.postact if every else rec.postact[idx]
+                saturation = (
+                    saturation_fraction(post, cfg.activation, cfg.saturation_threshold)
+                    .cpu()
+                    .numpy()
+                )
             for ri, v in enumerate(running):
-                for metric, value in zip(_PROBE_METRICS, table[li, ri], strict=True):
+                values = [*table[li, ri], clipped[ri], saturation[ri]]
+                for metric, value in zip(_PROBE_METRICS, values, strict=True):
                     rows[v].append((rec.name, metric, float(value)))
                 variant = self.variant_names[v]
-                self.history.add_histogram(self.step, variant, rec.name, "preact", pre_np[li, ri])
-                self.history.add_histogram(self.step, variant, rec.name, "postact", post_np[li, ri])
+                self.history.add_histogram(self.step, variant, rec.name, "preact", pre_hist[ri])
+                self.history.add_histogram(self.step, variant, rec.name, "postact", post_hist[ri])
 
     def _snapshot_buffers(self) -> list[torch.Tensor]:
         return [b.clone() for b in self.model.buffers()]
@@ -451,7 +495,7 @@ class Trainer:
         """|running stat - the statistic over training examples|, per BN layer.
 
         The reference statistic is each BN input's mean and (unbiased) variance over up to
-        2,048 training examples in one train-mode pass: what the running averages estimate.
+        1,024 training examples in one train-mode pass: what the running averages estimate.
         """
         saved = self._snapshot_buffers()
         self.model.train()

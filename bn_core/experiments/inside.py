@@ -30,6 +30,7 @@ __all__ = [
     "expected_running_mean",
     "identity_error",
     "identity_params",
+    "layer_batch",
     "momentum_conventions",
     "placement_runs",
     "scale_invariance",
@@ -113,6 +114,42 @@ def synthetic_batch(n: int, mean: float = 0.0, std: float = 1.0, seed: int = 0) 
     """n float64 draws from N(mean, std^2), the same for the same seed."""
     gen = torch.Generator().manual_seed(seed)
     return mean + std * torch.randn(n, generator=gen, dtype=torch.float64)
+
+
+def layer_batch(trainer: Trainer, layer: str, unit: int, variant: str | None = None) -> np.ndarray:
+    """What one BN unit of a run normalizes on the run's fixed probe batch, as float64.
+
+    ``variant`` defaults to the run's first BN variant (else its first). A conv layer's
+    unit is a channel, so its values are taken over examples and positions, as BN does.
+    The pass runs in training mode like the Trainer's own probe; the BN buffers (running
+    statistics, batch counts) and the model's mode are restored, so training is untouched.
+    """
+    model = trainer.model
+    names = trainer.variant_names
+    if variant is None:
+        bn_variants = [s.name for s in trainer.config.variants if s.uses_bn]
+        variant = (bn_variants or names)[0]
+    if variant not in names:
+        raise ValueError(f"variant = {variant!r}: allowed: " + ", ".join(names))
+    if layer not in model.layer_names:
+        raise ValueError(f"layer = {layer!r}: allowed: " + ", ".join(model.layer_names))
+    saved = [b.clone() for b in model.buffers()]
+    was_training = model.training
+    try:
+        model.train()
+        with torch.no_grad():
+            _, records = model(trainer.x_probe, record=True)
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(model.buffers(), saved, strict=True):
+                buffer.copy_(value)
+        model.train(was_training)
+    record = records[list(model.layer_names).index(layer)]
+    values = record.bn_input[names.index(variant)]  # (N, C[, H, W])
+    channels = values.shape[1]
+    if not 0 <= unit < channels:
+        raise ValueError(f"unit = {unit}: allowed: an integer in [0, {channels - 1}]")
+    return values[:, unit].reshape(-1).to(torch.float64).cpu().numpy()
 
 
 # --- running statistics ----------------------------------------------------------------------

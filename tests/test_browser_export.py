@@ -1,0 +1,225 @@
+"""Sharing and export in the real app: a Streamlit server and headless Chromium (Playwright).
+
+Builds a teaching pack and downloads it the way a teacher would, and opens shared links.
+The server fixture is a copy of the one in tests/test_browser.py (test modules are not
+imported from each other); it is module-scoped so it stops when this file is done.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from bn_core import export
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+STATUS_RE = re.compile(r"^step ([\d,]+) ·")
+PLAY, STEP = re.compile(r"\bPlay$"), re.compile(r"\bStep$")
+LOAD_MS = 90_000  # first page load: the server imports torch and builds a trainer
+WAIT_MS = 60_000  # anything else the page should do (the machine may be busy)
+EXPORT_MS = 240_000  # the teaching pack renders 24 images in one Chromium
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/_stcore/health", timeout=5) as response:
+            return response.read().decode().strip() == "ok"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(app_path, artifacts_dir):
+    """`streamlit run app.py` on a free port; its log goes to artifacts/."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app_path),
+        "--server.headless",
+        "true",
+        "--server.port",
+        str(port),
+        "--server.address",
+        "127.0.0.1",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+    env = {**os.environ, "BN_LAB_THREADS": "1"}
+    with open(artifacts_dir / "streamlit_server_export.log", "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=app_path.parent, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not _healthy(url):
+                assert proc.poll() is None, (
+                    "streamlit exited; see artifacts/streamlit_server_export.log"
+                )
+                assert time.monotonic() < deadline, "streamlit not healthy within 60 s"
+                time.sleep(0.25)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    yield page
+    context.close()
+
+
+def open_app(page, url: str) -> None:
+    page.goto(url)
+    page.get_by_role("button", name=PLAY).wait_for(timeout=LOAD_MS)
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 2")
+
+
+def read_step(page) -> int:
+    text = page.get_by_text(STATUS_RE).inner_text()
+    return int(STATUS_RE.match(text).group(1).replace(",", ""))
+
+
+def wait_for(predicate, timeout: float = WAIT_MS / 1000, interval: float = 0.1):
+    """Poll until predicate() is truthy; returns its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout} s"
+        time.sleep(interval)
+
+
+def query(page) -> dict[str, str]:
+    return {k: v[-1] for k, v in parse_qs(urlparse(page.url).query).items()}
+
+
+def sidebar(page):
+    return page.locator('[data-testid="stSidebar"]')
+
+
+def test_build_and_download_the_teaching_pack(server, page, artifacts_dir, tmp_path):
+    open_app(page, server)
+    assert read_step(page) == 0
+    for expected in (1, 2, 3):
+        page.get_by_role("button", name=STEP).click()
+        wait_for(lambda expected=expected: read_step(page) == expected)
+
+    panel = page.locator('[data-testid="stExpander"]').filter(has_text="Export figures and data")
+    panel.locator("summary").click()
+    prepare = panel.get_by_role("button", name=re.compile(r"Prepare files$"))
+    prepare.wait_for()
+    downloads = panel.locator('[data-testid="stDownloadButton"]')
+    assert downloads.count() == 0  # nothing prepared yet
+
+    # One chart in every format.
+    prepare.click()
+    static_ok = export.static_export_available()[0]
+    labels = ["HTML", "CSV"] + (["PNG", "SVG", "PDF"] if static_ok else [])
+    for label in labels:
+        downloads.filter(has_text=re.compile(rf"^{label}$")).wait_for(timeout=EXPORT_MS)
+
+    # The teaching pack.
+    panel.get_by_role("button", name=re.compile(r"Build teaching pack \(zip\)$")).click()
+    pack_button = downloads.filter(has_text=re.compile(r"Download live_teaching-pack_.*\.zip"))
+    pack_button.wait_for(timeout=EXPORT_MS)
+    label = pack_button.inner_text()
+    assert "plain-vs-batchnorm_step3.zip" in label and "MB)" in label
+
+    page.wait_for_function("!document.querySelector('[data-stale=\"true\"]')")
+    panel.scroll_into_view_if_needed()
+    panel.screenshot(path=artifacts_dir / "export_panel.png")
+
+    with page.expect_download(timeout=EXPORT_MS) as info:
+        pack_button.click()
+    download = info.value
+    assert download.suggested_filename == "live_teaching-pack_plain-vs-batchnorm_step3.zip"
+    saved = tmp_path / download.suggested_filename
+    download.save_as(saved)
+    data = saved.read_bytes()
+    assert data[:4] == b"PK\x03\x04"
+    zf = zipfile.ZipFile(io.BytesIO(data))
+    assert zf.testzip() is None
+    names = set(zf.namelist())
+    assert {"README.txt", "config.json", "metrics.csv"} <= names
+    html = {n for n in names if n.startswith("figures/") and n.endswith(".html")}
+    assert len(html) == len(export.SPEC_TITLES), sorted(names)
+    png = {n for n in names if n.startswith("figures/") and n.endswith(".png")}
+    if static_ok:
+        assert len(png) == len(export.SPEC_TITLES), sorted(names)
+        for name in png:
+            assert zf.read(name).startswith(b"\x89PNG\r\n\x1a\n"), name
+    readme = zf.read("README.txt").decode("utf-8")
+    assert readme.startswith("BatchNorm Lab teaching pack")
+
+
+def test_a_shared_link_fills_the_sidebar(server, page):
+    open_app(page, f"{server}/?preset=ioffe-fig1&depth=2&lr=0.2")
+    assert sidebar(page).get_by_label("Hidden layers").input_value() == "2"
+    slider = sidebar(page).get_by_role("slider", name="Learning rate")
+    assert slider.get_attribute("aria-valuetext") == "0.2"
+    assert not page.locator('[data-testid="stAlertContentWarning"]').count()
+    # The address bar still carries the set-up, so it can be passed on as it is.
+    wait_for(lambda: query(page) == {"preset": "ioffe-fig1", "depth": "2", "lr": "0.2"})
+
+
+def test_a_bad_link_warns_and_is_cleaned(server, page):
+    open_app(page, f"{server}/?depth=99")
+    warning = page.locator('[data-testid="stAlertContentWarning"]')
+    warning.wait_for()
+    assert warning.count() == 1
+    text = warning.inner_text()
+    assert "depth = 99" in text and "allowed" in text
+    assert sidebar(page).get_by_label("Hidden layers").input_value() == "3"
+    wait_for(lambda: query(page) == {"preset": "ioffe-fig1"})
