@@ -19,7 +19,7 @@ from bn_core.batchnorm import BatchNorm
 from bn_core.config import ConfigError, RunConfig
 from bn_core.data import load_dataset
 from bn_core.history import Event
-from bn_core.train import DeviceUnavailable, Trainer, resolve_device
+from bn_core.train import _STATS_EXAMPLES, DeviceUnavailable, Trainer, resolve_device
 
 ACTS = (nn.Sigmoid, nn.Tanh, nn.ReLU)
 BN_TYPES = (BatchNorm, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -323,7 +323,7 @@ def test_test_metrics_and_running_stat_errors_are_direct(digits):
             (m.running_mean.clone(), m.running_var.clone()) for m in seq if isinstance(m, BN_TYPES)
         ]
         with torch.no_grad():
-            _, _, _, bn_in = run_with_hooks(seq, digits.x_train[:2048])
+            _, _, _, bn_in = run_with_hooks(seq, digits.x_train[:_STATS_EXAMPLES])
         for layer, ((rm, rv), z) in enumerate(zip(stats, bn_in, strict=True)):
             name = f"layer{layer + 1}"
             mean_err = (rm - z.mean(0)).abs().mean().item()
