@@ -12,6 +12,7 @@ PAGE = "blowup"
 # Log-spaced 1-2-5 grid: the slope is proportional to lr, so ratios are what matter.
 LR_CHOICES = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]
 NET_PRESET = "bias-blowup"
+METRIC_WIDTH = 175  # px: four to a row on a laptop, two on a phone
 
 ss = st.session_state
 
@@ -20,6 +21,11 @@ ss = st.session_state
 @st.cache_data(max_entries=64, show_spinner=False)
 def minimal_model(steps: int, lr: float, scale: bool) -> BlowupResult:
     return run_blowup(steps=steps, lr=lr, scale=scale)
+
+
+def metric_row():
+    """A row of metrics that wraps instead of stacking one per line on a narrow screen."""
+    return st.container(horizontal=True, horizontal_alignment="distribute", gap="medium")
 
 
 st.title("Bias blow-up")
@@ -63,28 +69,38 @@ except Exception as err:  # bounded widgets should make this unreachable; never 
     st.stop()
 summary = charts.blowup_summary(result)
 divided = " / s" if scale else ""
-m1, m2, m3, m4 = st.columns(4)
-m1.metric(
+row = metric_row()
+row.metric(
     "Measured slope of b",
     f"{summary.measured_slope:.6g}",
     help="(b_K − b_0) / K of the naive run: how far b moves per step.",
+    width=METRIC_WIDTH,
 )
-m2.metric(
+row.metric(
     f"Predicted lr·|Σ ∂L/∂x̂ᵢ|{divided}",
     f"{summary.predicted_slope:.6g}",
     help=f"lr · n · c{divided} = {lr:g} · {summary.grad_sum:g}"
     + (f" / {summary.divisor:.4g}" if scale else ""),
+    width=METRIC_WIDTH,
 )
-m3.metric(
+row.metric(
     "Aware bias moved",
     charts.sci_format(summary.aware_drift),
     help="Largest |b_k − b_0| with the gradient through μ_B: rounding only.",
+    width=METRIC_WIDTH,
 )
-m4.metric(
+row.metric(
     "Loss change",
     charts.sci_format(summary.loss_change),
     help="Largest |L_k − L_0| over both runs: float64 rounding.",
+    width=METRIC_WIDTH,
 )
+if scale:
+    st.info(
+        f"Also scaling: the naive bias still grows linearly, with slope "
+        f"{summary.predicted_slope:.4g} = lr · n · c / s, where s = √(var(u) + ε) = "
+        f"{summary.divisor:.4g}. The loss and x̂ still do not change."
+    )
 show_chart(charts.blowup_bias(result), "blowup_bias", page=PAGE)
 show_chart(charts.blowup_loss(result), "blowup_loss", page=PAGE)
 
@@ -96,10 +112,8 @@ with st.expander("Why x̂ and the loss never change, and why the aware gradient 
         "pass treats $\\mu_B$ as a constant, so it uses $\\partial \\hat x_i / \\partial b = 1$ "
         "and finds a gradient that is not zero:"
     )
-    st.latex(
-        r"g = \sum_i \frac{\partial L}{\partial \hat x_i} = \sum_i (\hat x_i - t_i) = -n\,c"
-        r"\qquad b_{k+1} = b_k - \mathrm{lr}\cdot g"
-    )
+    st.latex(r"g = \sum_i \frac{\partial L}{\partial \hat x_i} = \sum_i (\hat x_i - t_i) = -n\,c")
+    st.latex(r"b_{k+1} = b_k - \mathrm{lr}\cdot g")
     st.markdown(
         "The step changes $b$ but not $\\hat x$, so the next step sees the same $g$ again, "
         "and $b_k = b_0 - k\\,\\mathrm{lr}\\,g$: a straight line with slope "
@@ -107,8 +121,8 @@ with st.expander("Why x̂ and the loss never change, and why the aware gradient 
     )
     st.latex(
         r"\frac{\partial \hat x_i}{\partial b} = 1 - \frac{\partial \mu_B}{\partial b} = 1 - 1 = 0"
-        r"\quad\Longrightarrow\quad \frac{\partial L}{\partial b} = 0"
     )
+    st.latex(r"\Longrightarrow\quad \frac{\partial L}{\partial b} = 0")
     st.markdown(
         "which is the truth: the bias is redundant in front of BN, and BN's $\\beta$ "
         "takes over its job. That is why BN nets drop it."
@@ -116,28 +130,19 @@ with st.expander("Why x̂ and the loss never change, and why the aware gradient 
     st.markdown(
         "**With scaling.** The variance ignores a shift, so $\\sigma_B^2$ does not depend on $b$:"
     )
-    st.latex(
-        r"\hat x_i = \frac{x_i - \mu_B}{s},\quad s = \sqrt{\sigma_B^2 + \varepsilon}"
-        r"\quad\Longrightarrow\quad g = -\frac{n\,c}{s}"
-    )
+    st.latex(r"\hat x_i = \frac{x_i - \mu_B}{s},\quad s = \sqrt{\sigma_B^2 + \varepsilon}")
+    st.latex(r"\Longrightarrow\quad g = -\frac{n\,c}{s}")
     st.markdown(
         "The paper remarks that the problem gets worse when the normalization also scales. "
         "In this one-bias model it does not: the naive bias still climbs on a straight "
-        "line, with the centering-only slope divided by $s$. Here "
-        f"$s = {summary.divisor:.4g}$ for this batch."
+        "line, with the centering-only slope divided by $s$; here "
+        f"$s = {summary.batch_std:.4g}$. Turn on **Also scale** to see it."
     )
-if scale:
-    st.info(
-        f"Also scaling: the naive bias still grows linearly, with slope "
-        f"{summary.predicted_slope:.4g} = lr · n · c / s, where s = √(var(u) + ε) = "
-        f"{summary.divisor:.4g}. The loss and x̂ still do not change."
-    )
-
 # --- the real network --------------------------------------------------------------------
 st.subheader("In a real network")
 net_config = load_preset(NET_PRESET)
 st.markdown(
-    f"The **{NET_PRESET}** preset: the {net_config.dataset} digits, a "
+    f"The **{NET_PRESET}** preset: the {net_config.dataset} data set, a "
     f"{net_config.depth} × {net_config.width} sigmoid MLP with BN before each sigmoid, and "
     "the linear biases *kept* in front of BN. Two copies train in lockstep on the same "
     f"batches of {net_config.batch_size} with plain SGD at lr {net_config.lr:g}: "
@@ -167,17 +172,19 @@ if net is None:
     st.info("Press **Train both nets** to run the comparison; it takes a few seconds.")
 else:
     grad_range = charts.bias_grad_range(net)
-    k1, k2, k3 = st.columns(3)
-    k1.metric("Steps trained", f"{len(net.steps):,}")
-    k2.metric(
-        "Largest ‖dL/db‖, batchnorm",
+    row = metric_row()
+    row.metric("Steps trained", f"{len(net.steps):,}", width=METRIC_WIDTH)
+    row.metric(
+        "Max ‖dL/db‖, correct",
         charts.sci_format(grad_range["batchnorm"][1]),
-        help="Over all layers and steps: an exact 0 up to float32 rounding.",
+        help="batchnorm, over all layers and steps: an exact 0 up to float32 rounding.",
+        width=METRIC_WIDTH,
     )
-    k3.metric(
-        "Smallest ‖dL/db‖, naive",
+    row.metric(
+        "Min ‖dL/db‖, naive",
         charts.sci_format(grad_range["batchnorm-naive"][0]),
-        help="Over all layers and steps: the push never dies out.",
+        help="batchnorm-naive, over all layers and steps: the push never dies out.",
+        width=METRIC_WIDTH,
     )
     show_chart(charts.network_bias_norms(net), "network_bias_norms", trainer=net.trainer, page=PAGE)
     show_chart(charts.network_bias_grads(net), "network_bias_grads", trainer=net.trainer, page=PAGE)

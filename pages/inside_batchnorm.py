@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 import streamlit as st
 
 from bn_core.config import load_preset
@@ -36,6 +35,7 @@ SECTIONS = [
 SYNTHETIC, REAL = "Synthetic batch", "A layer of the current run"
 MOMENTA = (0.01, 0.1, 0.5)
 POPULATION_MEAN, POPULATION_STD = 2.0, 3.0
+METRIC_WIDTH = 150  # px: a row of five on a laptop, two to a row on a phone
 A_CHOICES = [1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0]
 
 ss = st.session_state
@@ -73,6 +73,11 @@ def nice_ceil(value: float) -> float:
     return next(m * power for m in (1, 2, 5, 10) if m * power >= value)
 
 
+def metric_row():
+    """A row of metrics that wraps instead of stacking one per line on a narrow screen."""
+    return st.container(horizontal=True, horizontal_alignment="distribute", gap="medium")
+
+
 def set_affine(gamma: float, beta: float) -> None:
     ss.ib_gamma, ss.ib_beta = float(gamma), float(beta)
 
@@ -90,9 +95,10 @@ section = st.segmented_control(
 if section == "Stages":
     st.subheader("One mini-batch, stage by stage")
     st.markdown("BN treats each channel on its own. For the n values of one channel in a batch:")
+    # One formula pair per line: a line of KaTeX does not wrap on a phone.
+    st.latex(r"\mu_B = \frac1n\sum_i x_i \qquad \sigma_B^2 = \frac1n\sum_i (x_i-\mu_B)^2")
     st.latex(
-        r"\mu_B = \frac1n\sum_i x_i \qquad \sigma_B^2 = \frac1n\sum_i (x_i-\mu_B)^2"
-        r"\qquad \hat x_i = \frac{x_i-\mu_B}{\sqrt{\sigma_B^2+\varepsilon}}"
+        r"\hat x_i = \frac{x_i-\mu_B}{\sqrt{\sigma_B^2+\varepsilon}}"
         r"\qquad y_i = \gamma\,\hat x_i + \beta"
     )
     trainer = ss.get("trainer")
@@ -147,13 +153,23 @@ if section == "Stages":
     b2.button("γ = 1, β = 0", on_click=set_affine, args=(1.0, 0.0), width="stretch")
 
     result = stages(x, gamma, beta, before.eps)
-    max_diff = float(np.max(np.abs(result.y - result.x)))
-    m = st.columns(5)
-    m[0].metric("μ_B", f"{result.mu_B:.4g}", help="Batch mean")
-    m[1].metric("σ²_B", f"{result.var_B:.4g}", help="Biased batch variance (divides by n)")
-    m[2].metric("√(σ²_B + ε)", f"{result.std_B:.4g}", help=f"ε = {result.eps:g}")
-    m[3].metric("n", f"{len(result.x)}")
-    m[4].metric("max |y − x|", f"{max_diff:.2e}", help="0 up to rounding when BN is the identity")
+    max_diff = charts.output_change(result)
+    m = metric_row()
+    m.metric("μ_B", f"{result.mu_B:.4g}", help="Batch mean", width=METRIC_WIDTH)
+    m.metric(
+        "σ²_B",
+        f"{result.var_B:.4g}",
+        help="Biased batch variance (divides by n)",
+        width=METRIC_WIDTH,
+    )
+    m.metric("√(σ²_B + ε)", f"{result.std_B:.4g}", help=f"ε = {result.eps:g}", width=METRIC_WIDTH)
+    m.metric("n", f"{len(result.x)}", width=METRIC_WIDTH)
+    m.metric(
+        "max |y − x|",
+        f"{max_diff:.2e}",
+        help="0 up to rounding when BN is the identity",
+        width=METRIC_WIDTH,
+    )
     show_chart(charts.stages_histograms(result), "bn_stages", page=PAGE)
     with st.expander("Why γ and β can give back the input"):
         st.markdown(
@@ -161,9 +177,9 @@ if section == "Stages":
             "should sit on the steep part of a sigmoid or far out on its flat end. The "
             "learned scale and shift can undo it:"
         )
+        st.latex(r"\gamma = \sqrt{\sigma_B^2+\varepsilon},\quad \beta = \mu_B")
         st.latex(
-            r"\gamma = \sqrt{\sigma_B^2+\varepsilon},\ \beta = \mu_B"
-            r"\ \Longrightarrow\ y_i = \sqrt{\sigma_B^2+\varepsilon}\,"
+            r"\Longrightarrow\ y_i = \sqrt{\sigma_B^2+\varepsilon}\,"
             r"\frac{x_i-\mu_B}{\sqrt{\sigma_B^2+\varepsilon}} + \mu_B = x_i"
         )
         st.markdown(
@@ -180,10 +196,8 @@ elif section == "Train vs eval":
         "time an example must not depend on the others in its batch, so BN uses running "
         "averages, updated at every training step with momentum $m$ (PyTorch's convention):"
     )
-    st.latex(
-        r"\hat\mu \leftarrow (1-m)\,\hat\mu + m\,\mu_B \qquad "
-        r"\hat\sigma^2 \leftarrow (1-m)\,\hat\sigma^2 + m\,\tfrac{n}{n-1}\,\sigma_B^2"
-    )
+    st.latex(r"\hat\mu \leftarrow (1-m)\,\hat\mu + m\,\mu_B")
+    st.latex(r"\hat\sigma^2 \leftarrow (1-m)\,\hat\sigma^2 + m\,\tfrac{n}{n-1}\,\sigma_B^2")
     st.markdown(
         f"Below, one BN layer per momentum sees the same batches from "
         f"$N({POPULATION_MEAN:g}, {POPULATION_STD:g}^2)$, starting from $\\hat\\mu = 0$, "
@@ -199,18 +213,16 @@ elif section == "Train vs eval":
         f"The gap never reaches 0: even the exact population statistics leave "
         f"{gap.gap_at_population:.3g} (dashed), because the probe batch's own mean "
         f"({gap.probe_mean:.3g}) and variance ({gap.probe_var:.3g}) differ from the "
-        "population's. A model that behaves differently in training and at test time by "
-        "more than that is usually fed by running statistics that are not yet warmed up."
+        "population's. A gap far above that line means the running statistics have not "
+        "caught up yet."
     )
 
 # --- momentum conventions --------------------------------------------------------------------
 elif section == "Momentum conventions":
     st.subheader("Two names for one momentum")
     st.markdown("PyTorch and Keras/TensorFlow write the same update with opposite meanings of *m*:")
-    st.latex(
-        r"\text{PyTorch: } \hat\mu \leftarrow (1-m)\,\hat\mu + m\,\mu_B\ (m = 0.1)"
-        r"\qquad \text{Keras: } \hat\mu \leftarrow m_K\,\hat\mu + (1-m_K)\,\mu_B\ (m_K = 0.99)"
-    )
+    st.latex(r"\text{PyTorch: } \hat\mu \leftarrow (1-m)\,\hat\mu + m\,\mu_B,\quad m = 0.1")
+    st.latex(r"\text{Keras: } \hat\mu \leftarrow m_K\,\hat\mu + (1-m_K)\,\mu_B,\quad m_K = 0.99")
     st.latex(r"\text{the same rule exactly when } m_K = 1 - m")
     st.markdown(
         "A widely copied mistake puts the Keras-style 0.9 into PyTorch's formula. Then each "
@@ -222,12 +234,18 @@ elif section == "Momentum conventions":
     )
     means = gap_run(200, 32).batch_means
     conventions = momentum_conventions(means, m_torch=m_torch)
-    k = st.columns(4)
-    k[0].metric(f"PyTorch m = {m_torch:g}", f"{conventions.torch_noise:.3g}")
-    k[1].metric(f"Keras m = {conventions.m_keras:g}", f"{conventions.keras_noise:.3g}")
-    k[2].metric(f"Mixed up, m = {conventions.m_keras:g}", f"{conventions.mistaken_noise:.3g}")
-    k[3].metric("Batch means", f"{conventions.batch_noise:.3g}")
-    st.caption("Standard deviation of each sequence over its last half: how much it jitters.")
+    st.caption("How much each sequence jitters: its standard deviation over its last half.")
+    k = metric_row()
+    k.metric(f"PyTorch m = {m_torch:g}", f"{conventions.torch_noise:.3g}", width=METRIC_WIDTH)
+    k.metric(
+        f"Keras m = {conventions.m_keras:g}", f"{conventions.keras_noise:.3g}", width=METRIC_WIDTH
+    )
+    k.metric(
+        f"Mixed up, m = {conventions.m_keras:g}",
+        f"{conventions.mistaken_noise:.3g}",
+        width=METRIC_WIDTH,
+    )
+    k.metric("Batch means", f"{conventions.batch_noise:.3g}", width=METRIC_WIDTH)
     fig = charts.momentum_chart(conventions, means, population_mean=POPULATION_MEAN)
     show_chart(fig, "momentum_conventions", page=PAGE)
 
@@ -240,9 +258,9 @@ elif section == "Batch size":
     )
     st.latex(
         r"\operatorname{std}(\mu_B) = \frac{\sigma}{\sqrt n} \qquad "
-        r"\operatorname{std}(\sigma_B^2) = \sigma^2\,\frac{\sqrt{2(n-1)}}{n} \qquad "
-        r"\operatorname{E}[\sigma_B^2] = \frac{n-1}{n}\,\sigma^2"
+        r"\operatorname{std}(\sigma_B^2) = \sigma^2\,\frac{\sqrt{2(n-1)}}{n}"
     )
+    st.latex(r"\operatorname{E}[\sigma_B^2] = \frac{n-1}{n}\,\sigma^2")
     noise = noise_run()
     show_chart(charts.batch_size_noise_chart(noise), "batch_size_noise", page=PAGE)
     st.markdown(
@@ -259,10 +277,10 @@ elif section == "Scale invariance":
     st.markdown(
         "Multiply the weights in front of BN by a number $a > 0$. Mean and spread scale along:"
     )
+    st.latex(r"\mathrm{BN}(aWu) = \frac{aWu - a\mu}{\sqrt{a^2\sigma^2+\varepsilon}}")
+    st.latex(r"= \frac{Wu-\mu}{\sqrt{\sigma^2+\varepsilon/a^2}} \approx \mathrm{BN}(Wu)")
     st.latex(
-        r"\mathrm{BN}(aWu) = \frac{aWu - a\mu}{\sqrt{a^2\sigma^2+\varepsilon}}"
-        r" = \frac{Wu-\mu}{\sqrt{\sigma^2+\varepsilon/a^2}} \approx \mathrm{BN}(Wu)"
-        r"\qquad \frac{\partial L}{\partial W}\Big|_{aW} = \frac1a\,"
+        r"\frac{\partial L}{\partial W}\Big|_{aW} = \frac1a\,"
         r"\frac{\partial L}{\partial W}\Big|_{W}"
     )
     st.markdown(
@@ -280,17 +298,26 @@ elif section == "Scale invariance":
     )
     inv = invariance_run()
     i = A_CHOICES.index(a)
-    k = st.columns(4)
-    k[0].metric(
-        "max |BN(aWu) − BN(Wu)|",
+    k = metric_row()
+    k.metric(
+        "Output change",
         f"{inv.max_change[i]:.2e}",
-        help=f"ε = {inv.eps:g} fixed, as in the layer",
+        help=f"max |BN(aWu) − BN(Wu)| with ε = {inv.eps:g} fixed, as in the layer",
+        width=METRIC_WIDTH,
     )
-    k[1].metric("… with ε·a²", f"{inv.max_change_scaled_eps[i]:.2e}", help="exact up to rounding")
-    k[2].metric(
-        "Gradient-norm ratio", f"{inv.grad_ratio[i]:.4g}", help="‖dL/dW at aW‖ / ‖dL/dW at W‖"
+    k.metric(
+        "… with ε·a²",
+        f"{inv.max_change_scaled_eps[i]:.2e}",
+        help="The same with ε scaled by a²: exact up to rounding",
+        width=METRIC_WIDTH,
     )
-    k[3].metric("1/a", f"{inv.expected_ratio[i]:.4g}")
+    k.metric(
+        "Gradient-norm ratio",
+        f"{inv.grad_ratio[i]:.4g}",
+        help="‖dL/dW at aW‖ / ‖dL/dW at W‖",
+        width=METRIC_WIDTH,
+    )
+    k.metric("1/a", f"{inv.expected_ratio[i]:.4g}", width=METRIC_WIDTH)
     fig = charts.scale_invariance_chart(inv, selected=a)
     show_chart(fig, "scale_invariance", page=PAGE)
     st.caption(
@@ -309,7 +336,8 @@ elif section == "Placement":
         "outputs that may already be saturated. Same net ("
         f"{placement_config.depth} × {placement_config.width} sigmoid MLP on "
         f"{placement_config.dataset}), same seed and batches, lr "
-        f"{placement_config.lr:g}; only the placement differs."
+        f"{placement_config.lr:g}; only the placement differs. Which one trains faster "
+        "depends on the net and the data: run it and see."
     )
     c1, c2 = st.columns([3, 1.2], vertical_alignment="bottom")
     place_steps = c1.slider(
