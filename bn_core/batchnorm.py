@@ -32,8 +32,8 @@ def _reduce_dims(ndim: int) -> tuple[int, ...]:
 def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A cached 0-dim tensor holding value; never modified.
 
-    An op given a Python float wraps it in a fresh tensor on every call, which at this
-    lab's layer sizes costs about as much as the op itself.
+    An op given a Python float as an operand wraps it in a fresh tensor on every call,
+    which at this lab's layer sizes costs about as much as the op itself.
     """
     return torch.tensor(value, dtype=dtype, device=device)
 
@@ -41,15 +41,17 @@ def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Ten
 class _BatchNormTrain(torch.autograd.Function):
     """y = gamma * (x - mu_B) / sqrt(var_B + eps) + beta with batch statistics.
 
-    At this lab's layer sizes (60 x 100) every tensor op costs about as much as its
-    launch, so the code counts ops: (N, C) inputs take a keepdim-free path where (C,)
-    vectors broadcast as they are, and the statistics go to ``stats(mu_B, sum_sq, m)``
-    (sum_sq = m * var_B), or nowhere, instead of being extra autograd outputs.
+    At this lab's layer sizes (60 x 100) each tensor op costs about as much as its
+    launch, so the code keeps the op count low: (N, C) inputs take a keepdim-free path
+    where (C,) vectors broadcast as they are, and the statistics go to the callback
+    ``stats(mu_B, sum_sq, m)`` (sum_sq = m * var_B) instead of being extra autograd
+    outputs.
     """
 
     @staticmethod
     def forward(ctx, x, gamma, beta, eps, grad_through_stats, stats):
-        if x.dim() == 2:
+        flat = x.dim() == 2
+        if flat:
             m = x.shape[0]
             mu = x.mean(0)
             x_hat = x - mu
@@ -65,15 +67,20 @@ class _BatchNormTrain(torch.autograd.Function):
             sum_sq = x_hat.square().sum(dims, keepdim=True)
             if gamma is not None:
                 g, b = gamma.view(mu.shape), beta.view(mu.shape)
-        # var + eps = eps + sum_sq / m in one op
+        # var + eps as eps + sum_sq / m: one op
         inv_std = torch.add(_scalar(eps, x.dtype, x.device), sum_sq, alpha=1.0 / m).rsqrt_()
         x_hat.mul_(inv_std)  # x_hat is our own temporary: scale it in place
-        y = x_hat if gamma is None else torch.addcmul(b, x_hat, g)
+        # Without gamma the output must not be the saved x_hat itself, or an in-place
+        # op after the layer (ReLU(inplace=True)) would corrupt the backward pass.
+        y = x_hat.clone() if gamma is None else torch.addcmul(b, x_hat, g)
         ctx.save_for_backward(x_hat, inv_std, gamma)
         ctx.m = m
         ctx.grad_through_stats = grad_through_stats
         if stats is not None:
-            stats(mu, sum_sq, m) if x.dim() == 2 else stats(mu.view(-1), sum_sq.view(-1), m)
+            if flat:
+                stats(mu, sum_sq, m)
+            else:
+                stats(mu.view(-1), sum_sq.view(-1), m)
         return y
 
     @staticmethod
@@ -82,8 +89,8 @@ class _BatchNormTrain(torch.autograd.Function):
         need_x, need_gamma, need_beta = ctx.needs_input_grad[:3]
         through_stats = need_x and ctx.grad_through_stats
         flat = dy.dim() == 2
-        # Per-channel sums: (C,) for (N, C), keepdim (1, C, 1, ...) otherwise, so they
-        # broadcast against dy without a view.
+        # Per-channel sums, (C,) for (N, C) inputs and keepdim (1, C, 1, ...) otherwise,
+        # so that they broadcast against dy as they are:
         #   dL/dbeta = sum_i dy_i ;  dL/dgamma = sum_i dy_i * x_hat_i
         sum_dy = sum_dy_xhat = dx = None
         if flat:
@@ -109,6 +116,7 @@ class _BatchNormTrain(torch.autograd.Function):
                 # Through the statistics, with g_i = dL/dx_hat_i = gamma * dy_i:
                 #   dL/dx_i = inv_std * (g_i - mean(g) - x_hat_i * mean(g * x_hat))
                 #           = gamma * inv_std * (dy_i - mean(dy) - x_hat_i * mean(dy * x_hat))
+                # dx is a fresh tensor, so the last two steps run in place on it.
                 m = ctx.m
                 dx = torch.addcmul(dy, x_hat, sum_dy_xhat, value=-1.0 / m)
                 dx.sub_(sum_dy, alpha=1.0 / m)
@@ -133,9 +141,11 @@ def batch_norm_train(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalize x of shape (N, C, *) with its batch statistics; returns (y, mu_B, var_B)."""
     stats: list[torch.Tensor] = []
-    y = _BatchNormTrain.apply(
-        x, gamma, beta, eps, grad_through_stats, lambda mu, ss, m: stats.extend((mu, ss / m))
-    )
+
+    def keep(mu: torch.Tensor, sum_sq: torch.Tensor, m: int) -> None:
+        stats.extend((mu, sum_sq / m))
+
+    y = _BatchNormTrain.apply(x, gamma, beta, eps, grad_through_stats, keep)
     return y, stats[0], stats[1]
 
 
@@ -230,6 +240,13 @@ class BatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        reference = self._parameters.get("weight")
+        if reference is None:
+            reference = self._buffers.get("running_mean")
+        if reference is not None and x.dtype != reference.dtype and x.element_size() < 4:
+            # Mixed precision, as torch does it: half inputs with float32 parameters are
+            # normalized in float32 (statistics need the range) and returned in half.
+            return self.forward(x.to(reference.dtype)).to(x.dtype)
         use_batch_stats = self.training or not self.track_running_stats
         if not use_batch_stats:
             # Inference: a fixed affine map from the population (running) statistics.
@@ -249,10 +266,10 @@ class BatchNorm(nn.Module):
                 "one value per channel, because the variance of a single value is 0 and "
                 "normalizing it divides by sqrt(eps). Use a batch of at least 2, or .eval()."
             )
-        # The running statistics are updated inside the Function's forward, which runs
-        # without grad, from mu_B and var_B that never become autograd outputs.
-        # Parameters are read from _parameters: nn.Module.__getattr__ is a Python
-        # fallback that costs about a small tensor op per lookup.
+        # The running statistics are updated from inside the Function's forward (no
+        # grad there), so mu_B and var_B never become autograd outputs. Parameters and
+        # buffers are read from their dicts: nn.Module.__getattr__ is a Python fallback
+        # that costs about as much as a small tensor op.
         params = self._parameters
         return _BatchNormTrain.apply(
             x,
@@ -267,8 +284,7 @@ class BatchNorm(nn.Module):
         # PyTorch's contract: running = (1 - f) * running + f * batch, with f = momentum,
         # or f = 1 / num_batches_tracked (a cumulative average) when momentum is None.
         # running_var takes the unbiased batch variance, sum_sq / (m - 1).
-        # Called from Function.forward: no grad, and mu / sum_sq carry no history.
-        buffers = self._buffers  # not self.running_mean: see forward
+        buffers = self._buffers
         num_batches = buffers["num_batches_tracked"]
         num_batches.add_(1)
         factor = self.momentum
@@ -278,8 +294,8 @@ class BatchNorm(nn.Module):
         var = sum_sq * _scalar(1.0 / (m - 1), sum_sq.dtype, sum_sq.device)
         if mu.dtype != running_mean.dtype:  # low-precision input, float32 buffers
             mu, var = mu.to(running_mean.dtype), var.to(running_var.dtype)
-        running_mean.lerp_(mu, factor)
-        running_var.lerp_(var, factor)
+        # Both lerps in one op.
+        torch._foreach_lerp_((running_mean, running_var), (mu, var), factor)
 
     def extra_repr(self) -> str:
         return (

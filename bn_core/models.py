@@ -20,7 +20,7 @@ from torch import nn
 from bn_core.batchnorm import BatchNorm
 from bn_core.config import RunConfig, VariantSpec
 
-__all__ = ["LayerRecord", "LockstepLeNet", "LockstepMLP", "build_model", "make_norm"]
+__all__ = ["LayerRecord", "LayerStack", "LockstepLeNet", "LockstepMLP", "build_model", "make_norm"]
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
 
@@ -34,6 +34,19 @@ class LayerRecord:
     postact: torch.Tensor  # the nonlinearity's output
     bn_input: torch.Tensor  # what the BN layer normalizes (before or after the nonlinearity)
     output: torch.Tensor  # what the block hands to the next layer
+
+
+@dataclass
+class LayerStack:
+    """One hidden layer's weight, bias and their gradients, stacked over variants (V, ...).
+
+    A dropped bias (BN right after the layer) is zeros, and so is its gradient.
+    """
+
+    weight: torch.Tensor
+    weight_grad: torch.Tensor
+    bias: torch.Tensor
+    bias_grad: torch.Tensor
 
 
 def make_norm(norm: str, features: int, dims: int, bn_momentum: float | None) -> nn.Module | None:
@@ -178,6 +191,15 @@ class LockstepMLP(nn.Module):
 
     def hidden_weights(self, variant: int) -> list[tuple[str, torch.Tensor]]:
         return [(n, W[variant]) for n, W in zip(self.layer_names, self.weights, strict=True)]
+
+    @torch.no_grad()
+    def layer_stacks(self) -> list[LayerStack]:
+        out = []
+        for W, b in zip(self.weights, self.biases, strict=True):
+            bias_grad = torch.zeros_like(b) if b.grad is None else b.grad
+            grad = torch.zeros_like(W) if W.grad is None else W.grad
+            out.append(LayerStack(W, grad, (b * self.bias_mask)[:, 0], bias_grad[:, 0]))
+        return out
 
     def weight_grads(self, variant: int) -> list[torch.Tensor | None]:
         return [None if W.grad is None else W.grad[variant] for W in self.weights]
@@ -333,6 +355,29 @@ class LockstepLeNet(nn.Module):
                 cols = [torch.stack([r[k][j] for r in recs]) for j in range(1, 5)]
                 records.append(LayerRecord(name, *cols))
         return torch.stack(outs), records
+
+    @torch.no_grad()
+    def layer_stacks(self) -> list[LayerStack]:
+        def stacked(values: list[torch.Tensor | None], like: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(
+                [torch.zeros_like(x) if v is None else v for v, x in zip(values, like, strict=True)]
+            )
+
+        out = []
+        for k in range(len(self.layer_names)):
+            layers = [net.linears[k] for net in self.nets]
+            weights = [m.weight for m in layers]
+            zeros = [torch.zeros(m.weight.shape[0], device=m.weight.device) for m in layers]
+            biases = [m.bias for m in layers]
+            out.append(
+                LayerStack(
+                    torch.stack(weights),
+                    stacked([m.weight.grad for m in layers], weights),
+                    stacked(biases, zeros),
+                    stacked([None if b is None else b.grad for b in biases], zeros),
+                )
+            )
+        return out
 
     def hidden_weights(self, variant: int) -> list[tuple[str, torch.Tensor]]:
         net = self.nets[variant]

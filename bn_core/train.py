@@ -28,7 +28,6 @@ from bn_core.probes import (
     saturation_cut,
     saturation_fraction,
     sort_rows,
-    update_ratio,
 )
 
 __all__ = ["DeviceUnavailable", "Trainer", "VariantStatus", "resolve_device"]
@@ -347,40 +346,40 @@ class Trainer:
         self._loss_count = 0
         running = self._running()
         rows: dict[int, list[tuple[str, str, float]]] = {v: [] for v in running}
-        scalars: list[torch.Tensor] = []
-        keys: list[tuple[int, str, str]] = []
-
-        def put(v: int, layer: str, metric: str, value: torch.Tensor) -> None:
-            keys.append((v, layer, metric))
-            scalars.append(value.detach().float().reshape(()))
-
         for v in running:
             rows[v].append(("", "loss", window[v]))
-            lr = self.optimizer.lrs[v]
-            grads = self.model.weight_grads(v)
-            for (name, W), g, rec in zip(self.model.hidden_weights(v), grads, records, strict=True):
-                if g is None:
-                    continue
-                put(v, name, "grad_norm", g.norm())
-                put(v, name, "update_ratio", update_ratio(lr, g, W))
-                out_grad = rec.output.grad
-                if out_grad is not None:
-                    put(v, name, "out_grad_norm", out_grad[v].norm())
-            biases = zip(
-                self.model.layer_names,
-                self.model.bias_vectors(v),
-                self.model.bias_grads(v),
-                strict=True,
-            )
-            for name, bias, bias_grad in biases:
-                put(v, name, "bias_norm", bias.norm())
-                # Zero (to rounding) when BN follows: the bias is redundant before BN.
-                if bias_grad is not None:
-                    put(v, name, "bias_grad_norm", bias_grad.norm())
+        # Every gradient measure of every layer and variant in a few stacked ops and one
+        # copy to the host: per-variant loops would cost more than the step itself.
+        lrs = torch.tensor(self.optimizer.lrs, device=self.device)
+        per_layer = []
+        for stack, rec in zip(self.model.layer_stacks(), records, strict=True):
+            W, G = stack.weight.flatten(1), stack.weight_grad.flatten(1)
+            out_grad = rec.output.grad
+            columns = [
+                G.norm(dim=1),
+                # log10(std(lr * grad) / std(W)), the update:data ratio
+                torch.log10(lrs * G.std(dim=1) / W.std(dim=1)),
+                stack.bias.norm(dim=1),
+                stack.bias_grad.norm(dim=1),
+                torch.full_like(lrs, math.nan)
+                if out_grad is None
+                else out_grad.reshape(out_grad.shape[0], -1).norm(dim=1),
+            ]
+            per_layer.append(torch.stack([c.float() for c in columns], dim=1))
+        table = torch.stack(per_layer).detach().cpu().numpy()  # (layers, variants, measures)
+        for li, name in enumerate(self.model.layer_names):
+            for v in running:
+                grad_norm, ratio, bias_norm, bias_grad_norm, out_grad_norm = table[li, v]
+                rows[v] += [
+                    (name, "grad_norm", float(grad_norm)),
+                    (name, "update_ratio", float(ratio)),
+                    (name, "bias_norm", float(bias_norm)),
+                    # Zero (to rounding) when BN follows: the bias is redundant before BN.
+                    (name, "bias_grad_norm", float(bias_grad_norm)),
+                ]
+                if math.isfinite(out_grad_norm):
+                    rows[v].append((name, "out_grad_norm", float(out_grad_norm)))
         self._probe(running, rows)
-        values = torch.stack(scalars).tolist() if scalars else []
-        for (v, layer, metric), value in zip(keys, values, strict=True):
-            rows[v].append((layer, metric, value))
         for v in running:
             self.history.add_many(self.step, self.variant_names[v], rows[v])
 

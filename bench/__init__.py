@@ -1,0 +1,1 @@
+"""Benchmarks of bn_core against torch's references; run with ``python bench/run.py``."""
