@@ -764,3 +764,42 @@ def load_run_dir(run_dir: str | os.PathLike[str]) -> tuple[RunConfig, History]:
         for event in json.loads(events_path.read_text()):
             history.add_event(event["step"], event["name"], event["old"], event["new"])
     return config, history
+
+
+def figure_rows(fig: go.Figure) -> pd.DataFrame:
+    """The numbers a figure draws, as tidy rows (trace, x, y): the data behind a chart that
+    has no History, such as the teaching experiments'."""
+    frames = []
+    for trace in fig.data:
+        x, y = getattr(trace, "x", None), getattr(trace, "y", None)
+        if x is None or y is None:
+            continue
+        x, y = np.asarray(x).ravel(), np.asarray(y).ravel()
+        n = min(len(x), len(y))
+        frames.append(pd.DataFrame({"trace": trace.name or "", "x": x[:n], "y": y[:n]}))
+    if not frames:
+        return pd.DataFrame(columns=["trace", "x", "y"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def spec_from_figure(page: str, chart: str, fig: go.Figure, caption: str) -> FigureSpec:
+    """A FigureSpec for a figure already drawn on a page: a print-themed copy and its data."""
+    printed = figures.apply_theme(go.Figure(fig), "print")
+    name = re.sub(r"[^A-Za-z0-9_.\-]+", "-", f"bnlab_{page}_{chart}")
+    return FigureSpec(chart, printed, _title_of(printed), caption, figure_rows(fig), chart, name)
+
+
+def page_pack(specs: Sequence[FigureSpec], formats: Iterable[str] = ALL_FORMATS) -> bytes:
+    """A zip of the given charts in every format, with a README of titles and captions."""
+    buffer = io.BytesIO()
+    lines = ["BatchNorm Lab: figures of one page", ""]
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for i, spec in enumerate(specs, 1):
+            for ext, data in chart_files(spec, formats).items():
+                zf.writestr(f"figures/{spec.key}.{ext}", data)
+            lines += [f"{i}. {spec.title} (figures/{spec.key}.*)", f"   {spec.caption}", ""]
+        available, why = static_export_available()
+        if not available:
+            lines.append(f"PNG, SVG and PDF were skipped: {why}")
+        zf.writestr("README.txt", "\n".join(lines) + "\n")
+    return buffer.getvalue()

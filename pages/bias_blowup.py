@@ -7,6 +7,7 @@ from bn_core.config import load_preset
 from bn_core.experiments import charts
 from bn_core.experiments.blowup import BlowupResult, network_blowup, run_blowup
 from ui.charts import show_chart
+from ui.export_panel import page_export_panel
 
 PAGE = "blowup"
 # Log-spaced 1-2-5 grid: the slope is proportional to lr, so ratios are what matter.
@@ -194,3 +195,5 @@ else:
         trainer=net.trainer,
         page=PAGE,
     )
+
+page_export_panel(PAGE)

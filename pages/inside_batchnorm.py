@@ -22,6 +22,7 @@ from bn_core.experiments.inside import (
     train_eval_gap,
 )
 from ui.charts import show_chart
+from ui.export_panel import page_export_panel
 
 PAGE = "inside"
 SECTIONS = [
@@ -364,3 +365,5 @@ elif section == "Placement":
     else:
         fig = charts.placement_chart(runs, threshold=placement_config.saturation_threshold)
         show_chart(fig, "placement", page=PAGE)
+
+page_export_panel(PAGE)

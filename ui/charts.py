@@ -37,3 +37,6 @@ def show_chart(
     info = figures.CHARTS.get(chart) or EXPERIMENT_CHARTS.get(chart)
     if info is not None:
         st.caption(info.caption)
+    # What the page showed last, for its export panel.
+    shown = st.session_state.setdefault("shown_figures", {}).setdefault(page, {})
+    shown[chart] = (fig, info.caption if info is not None else "")

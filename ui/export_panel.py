@@ -86,3 +86,50 @@ def export_panel(trainer: Trainer) -> None:
                 key="dl_pack",
                 icon=":material/download:",
             )
+
+
+def page_export_panel(page: str) -> None:
+    """Export for a page without a run History: the charts it shows now, as files."""
+    ss = st.session_state
+    shown = ss.get("shown_figures", {}).get(page, {})
+    if not shown:
+        return
+    with st.expander("Export figures and data", icon=":material/ios_share:"):
+        available, why = export.static_export_available()
+        if not available:
+            st.info(f"{why} HTML and CSV still export.")
+        st.caption("The charts as this page shows them now, in the print theme.")
+        c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+        key = c1.selectbox("Chart", list(shown), key=f"w_export_{page}")
+        if c2.button("Prepare files", icon=":material/image:", key=f"prep_{page}"):
+            fig, caption = shown[key]
+            spec = export.spec_from_figure(page, key, fig, caption)
+            with st.spinner(f"Rendering {spec.title}..."):
+                ss[f"export_{page}"] = (key, spec.filename, export.chart_files(spec))
+        prepared = ss.get(f"export_{page}")
+        if prepared and prepared[0] == key:
+            _, filename, files = prepared
+            for col, (ext, data) in zip(st.columns(len(files)), files.items(), strict=True):
+                col.download_button(
+                    ext.upper(),
+                    data,
+                    file_name=f"{filename}.{ext}",
+                    mime=_MIME[ext],
+                    key=f"dl_{page}_{ext}",
+                    width="stretch",
+                )
+        st.divider()
+        if st.button("Build a zip of every chart on this page", key=f"zip_{page}"):
+            specs = [export.spec_from_figure(page, k, f, c) for k, (f, c) in shown.items()]
+            with st.spinner(f"Rendering {len(specs)} charts in every format..."):
+                ss[f"export_zip_{page}"] = export.page_pack(specs)
+        if ss.get(f"export_zip_{page}"):
+            data = ss[f"export_zip_{page}"]
+            st.download_button(
+                f"Download bnlab_{page}_figures.zip ({len(data) / 1e6:.1f} MB)",
+                data,
+                file_name=f"bnlab_{page}_figures.zip",
+                mime=_MIME["zip"],
+                key=f"dl_zip_{page}",
+                icon=":material/download:",
+            )
