@@ -282,9 +282,7 @@ def test_export_trains_a_preset_and_writes_only_the_formats_asked_for(tmp_path, 
         "steps-0",
     ],
 )
-def test_export_bad_arguments_exit_2_naming_the_flag(
-    tmp_path, capsys, run_dir, argv, flag, value
-):
+def test_export_bad_arguments_exit_2_naming_the_flag(tmp_path, capsys, run_dir, argv, flag, value):
     empty = tmp_path / "empty"
     empty.mkdir()
     subst = {"{run}": str(run_dir), "{empty}": str(empty)}
