@@ -362,7 +362,7 @@ def to_query(config: RunConfig, preset: str) -> dict[str, str]:
         if value == base[name]:
             continue
         if name == "variants":
-            value = ",".join(v["name"] for v in value)
+            value = ",".join(_variant_token(VariantSpec(**v)) for v in value)
         elif isinstance(value, bool):
             value = "true" if value else "false"
         elif value is None:
@@ -371,9 +371,30 @@ def to_query(config: RunConfig, preset: str) -> dict[str, str]:
     return params
 
 
+def _variant_token(spec: VariantSpec) -> str:
+    """A variant in a link: its bare name, or name:norm[:lr] when it is not a shorthand."""
+    if spec.lr is None and _SHORTHAND.get(spec.name) == spec.norm:
+        return spec.name
+    return f"{spec.name}:{spec.norm}" + ("" if spec.lr is None else f":{spec.lr:g}")
+
+
+def _parse_variant_token(token: str) -> Any:
+    name, _, rest = token.partition(":")
+    if not rest:
+        return name
+    norm, _, lr = rest.partition(":")
+    spec: dict[str, Any] = {"name": name, "norm": norm}
+    if lr:
+        try:
+            spec["lr"] = float(lr)
+        except ValueError:
+            spec["lr"] = lr  # RunConfig names the field and the allowed range
+    return spec
+
+
 def _parse_query_value(name: str, text: str) -> Any:
     if name == "variants":
-        return [part.strip() for part in text.split(",") if part.strip()]
+        return [_parse_variant_token(p.strip()) for p in text.split(",") if p.strip()]
     spec = FIELDS[name]
     if spec.nullable and text.lower() in ("none", "null"):
         return None

@@ -282,6 +282,11 @@ class History:
         with self._lock:
             return list(self._metrics)
 
+    def note_step(self, step: int) -> None:
+        """Record that the run has reached ``step`` even where nothing was logged there."""
+        with self._lock:
+            self._see(step)
+
     def last_step(self) -> int | None:
         """Latest step passed to any add, stored or thinned away; None before the first."""
         with self._lock:

@@ -321,6 +321,7 @@ class Trainer:
             self._accumulate_loss(loss_values)
         self.optimizer.step()
         self.step += 1
+        self.history.note_step(self.step)
         if self.step % cfg.eval_every == 0 or self.step >= cfg.steps:
             self._evaluate()
 

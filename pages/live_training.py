@@ -41,7 +41,7 @@ with st.sidebar:
         "BN running-stat momentum",
         options=session.bn_momentum_choices(ss.w_bn_momentum),
         key="w_bn_momentum",
-        format_func=lambda v: f"{v:g}",
+        format_func=session.format_rate,
         on_change=session.on_live,
         args=("bn_momentum",),
         help="running = (1 - m) * running + m * batch statistic (PyTorch's convention)",
@@ -61,23 +61,26 @@ with st.sidebar:
     st.caption(session.list_presets()[ss.preset]["description"])
     st.multiselect(
         "Variants",
-        session.VARIANT_CHOICES,
+        session.variant_options(),
         key="w_variants",
         help="; ".join(f"{k}: {v}" for k, v in session.VARIANT_HELP.items()),
     )
     st.selectbox("Data set", list(DATASETS), key="w_dataset")
     st.caption(DATASETS[ss.w_dataset])
-    if ss.w_dataset in ("moons", "circles", "spirals", "blobs"):
-        st.slider("Data noise", 0.0, 1.0, step=0.05, key="w_noise")
+    # Widgets that do not apply are disabled, not hidden: Streamlit forgets the value of
+    # a widget that is not drawn, and switching back must find it again.
+    toy = ss.w_dataset in ("moons", "circles", "spirals", "blobs")
+    st.slider("Data noise", 0.0, 1.0, step=0.05, key="w_noise", disabled=not toy)
     c1, c2 = st.columns(2)
     c1.selectbox("Model", ["mlp", "lenet"], key="w_model", format_func=str.upper)
     c2.selectbox("Activation", ["sigmoid", "tanh", "relu"], key="w_activation")
-    if ss.w_model == "mlp":
-        c1.number_input("Hidden layers", 1, 8, key="w_depth")
-        c2.number_input("Units per layer", 4, 512, key="w_width")
+    mlp = ss.w_model == "mlp"
+    c1.number_input("Hidden layers", 1, 8, key="w_depth", disabled=not mlp)
+    c2.number_input("Units per layer", 4, 512, key="w_width", disabled=not mlp)
     c1.selectbox("Init", ["gaussian", "xavier", "kaiming"], key="w_init")
-    if ss.w_init == "gaussian":
-        c2.number_input("Init std", 0.001, 10.0, key="w_init_std", format="%.3f")
+    c2.number_input(
+        "Init std", 0.001, 10.0, key="w_init_std", format="%.3f", disabled=ss.w_init != "gaussian"
+    )
     c1.selectbox(
         "BN placement", ["before", "after"], key="w_placement", help=FIELDS["placement"].help
     )

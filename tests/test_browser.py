@@ -103,7 +103,7 @@ def _healthy(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(app_path, artifacts_dir):
     """`streamlit run app.py` on a free port; its log goes to artifacts/streamlit_server.log."""
     port = _free_port()
@@ -144,7 +144,7 @@ def server(app_path, artifacts_dir):
                 proc.wait()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
         pytest.skip(f"no Chromium at {CHROMIUM}")

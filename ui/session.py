@@ -21,7 +21,7 @@ from bn_core.config import (
     to_query,
 )
 from bn_core.data import DatasetUnavailable
-from bn_core.train import Trainer
+from bn_core.train import DeviceUnavailable, Trainer
 
 DEFAULT_PRESET = "ioffe-fig1"
 MAX_CONFIG_BYTES = 64 * 1024  # a config is about 1 KB; anything far larger is not one
@@ -52,10 +52,16 @@ SETUP_FIELDS = (
 LIVE_WIDGETS = {"lr": "w_lr", "momentum": "w_momentum", "bn_momentum": "w_bn_momentum"}
 
 
-def _with_choice(choices: list[float], value: float | None) -> list[float]:
-    if value is None or value in choices:
+def _with_choice(choices: list[float], value: float | None) -> list:
+    if value in choices:
         return choices
+    if value is None:  # BN momentum None: PyTorch's cumulative average, shown first
+        return [None, *choices]
     return sorted([*choices, value])
+
+
+def format_rate(value: float | None) -> str:
+    return "cumulative (None)" if value is None else f"{value:g}"
 
 
 def lr_choices(current: float) -> list[float]:
@@ -74,6 +80,11 @@ def state() -> Any:
         # replaced by the preset's value, so the page always loads.
         config, preset, warnings = from_query(st.query_params.to_dict(), DEFAULT_PRESET)
         try:
+            trainer = Trainer(config)
+        except DeviceUnavailable as err:
+            # Keep the rest of the link; only the device this machine lacks falls back.
+            warnings.append(f"Link parameter ignored, device auto is used: {err}")
+            config = config.replace(device="auto")
             trainer = Trainer(config)
         except (ConfigError, DatasetUnavailable) as err:
             warnings.append(f"The linked set-up could not start ({err}); using {preset}.")
@@ -128,7 +139,7 @@ def _fill_widgets(config: RunConfig) -> None:
     for name in SETUP_FIELDS:
         value = getattr(config, name)
         if name == "variants":
-            value = [v.name for v in config.variants if v.name in VARIANT_CHOICES]
+            value = [v.name for v in config.variants]
         ss[f"w_{name}"] = value
     for name, key in LIVE_WIDGETS.items():
         ss[key] = getattr(config, name)
@@ -141,6 +152,9 @@ def config_from_widgets() -> RunConfig:
     changes.update({name: ss[key] for name, key in LIVE_WIDGETS.items()})
     if not changes["variants"]:
         raise ConfigError("variants", [], "allowed: pick at least one variant")
+    # A variant of a loaded config or link (its own name, norm or lr) keeps its spec.
+    known = {spec.name: spec for spec in ss.base_config.variants}
+    changes["variants"] = [known.get(name, name) for name in changes["variants"]]
     return ss.base_config.replace(**changes)
 
 
@@ -229,3 +243,9 @@ def show_message() -> None:
 
 def preset_label(name: str) -> str:
     return list_presets()[name]["title"]
+
+
+def variant_options() -> list[str]:
+    """The built-in variants plus any a loaded config or link brought along."""
+    extra = [v.name for v in st.session_state.base_config.variants]
+    return list(dict.fromkeys([*VARIANT_CHOICES, *extra]))
