@@ -189,9 +189,6 @@ class LockstepMLP(nn.Module):
                 records.append(LayerRecord(name, preact, post, bn_input, h))
         return torch.baddbmm(self.out_bias, h, self.out_weight), records
 
-    def hidden_weights(self, variant: int) -> list[tuple[str, torch.Tensor]]:
-        return [(n, W[variant]) for n, W in zip(self.layer_names, self.weights, strict=True)]
-
     @torch.no_grad()
     def layer_stacks(self) -> list[LayerStack]:
         out = []
@@ -200,9 +197,6 @@ class LockstepMLP(nn.Module):
             grad = torch.zeros_like(W) if W.grad is None else W.grad
             out.append(LayerStack(W, grad, (b * self.bias_mask)[:, 0], bias_grad[:, 0]))
         return out
-
-    def weight_grads(self, variant: int) -> list[torch.Tensor | None]:
-        return [None if W.grad is None else W.grad[variant] for W in self.weights]
 
     def bn_running_stats(self, variant: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         return [norm.stats(variant) for norm in self.norms]
@@ -378,13 +372,6 @@ class LockstepLeNet(nn.Module):
                 )
             )
         return out
-
-    def hidden_weights(self, variant: int) -> list[tuple[str, torch.Tensor]]:
-        net = self.nets[variant]
-        return [(n, m.weight) for n, m in zip(net.layer_names, net.linears, strict=True)]
-
-    def weight_grads(self, variant: int) -> list[torch.Tensor | None]:
-        return [m.weight.grad for m in self.nets[variant].linears]
 
     def bn_running_stats(self, variant: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         return [

@@ -18,11 +18,9 @@ __all__ = [
     "histogram_rows",
     "postact_range",
     "quantiles_of_sorted",
-    "histogram_of_sorted",
     "preact_edges",
     "saturation_cut",
     "saturation_fraction",
-    "share_outside",
     "sort_rows",
     "update_ratio",
 ]
@@ -79,30 +77,6 @@ def histogram_rows(rows: torch.Tensor, low: float, high: float, bins: int) -> to
     index = scaled.nan_to_num(nan=0.0).floor().clamp_(0, bins - 1).long()
     index += torch.arange(r, device=rows.device).unsqueeze(1) * bins
     return torch.bincount(index.flatten(), minlength=r * bins).view(r, bins)
-
-
-def histogram_of_sorted(sorted_rows: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """Counts of each sorted row over the bins of `edges`, like :func:`histogram_rows`.
-
-    A bin's lower edge belongs to it; values below the first or above the last edge go to
-    the first or last bin. Binary search on sorted values makes this O(bins log n).
-    """
-    rows, n = sorted_rows.shape
-    inner = edges[1:-1].to(sorted_rows.dtype).contiguous().expand(rows, -1).contiguous()
-    below = torch.searchsorted(sorted_rows, inner, side="left")  # values < each inner edge
-    zeros = torch.zeros(rows, 1, dtype=below.dtype, device=below.device)
-    full = torch.full((rows, 1), n, dtype=below.dtype, device=below.device)
-    return torch.diff(torch.cat([zeros, below, full], dim=1), dim=1)
-
-
-def share_outside(sorted_rows: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """Per sorted row: the share of values < low or > high."""
-    rows, n = sorted_rows.shape
-    low_cut = torch.full((rows, 1), low, dtype=sorted_rows.dtype, device=sorted_rows.device)
-    high_cut = torch.full((rows, 1), high, dtype=sorted_rows.dtype, device=sorted_rows.device)
-    below = torch.searchsorted(sorted_rows, low_cut, side="left")[:, 0]
-    above = n - torch.searchsorted(sorted_rows, high_cut, side="right")[:, 0]
-    return (below + above).to(torch.float32) / n
 
 
 def saturation_cut(activation: str, threshold: float) -> float | None:
