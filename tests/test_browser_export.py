@@ -178,6 +178,10 @@ def test_build_and_download_the_teaching_pack(server, page, artifacts_dir, tmp_p
     assert "plain-vs-batchnorm_step3.zip" in label and "MB)" in label
 
     page.wait_for_function("!document.querySelector('[data-stale=\"true\"]')")
+    # No tooltip over the panel: the clicked button keeps focus (and its help tooltip).
+    page.mouse.move(5, 5)
+    page.evaluate("document.activeElement && document.activeElement.blur()")
+    page.get_by_text("config.json and a README.txt").wait_for(state="hidden")
     panel.scroll_into_view_if_needed()
     panel.screenshot(path=artifacts_dir / "export_panel.png")
 
