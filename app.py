@@ -28,6 +28,8 @@ pages = [
     ),
     st.Page("pages/bias_blowup.py", title="Bias blow-up", icon=":material/trending_up:"),
     st.Page("pages/inside_batchnorm.py", title="Inside a BatchNorm layer", icon=":material/tune:"),
+    st.Page("pages/ics_question.py", title="Does BN reduce ICS?", icon=":material/help:"),
+    st.Page("pages/lr_sweep.py", title="Learning-rate sweep", icon=":material/speed:"),
 ]
 page = st.navigation(pages)
 with st.sidebar:

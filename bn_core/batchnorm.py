@@ -16,11 +16,21 @@ inv_std from the forward pass (plus gamma, a parameter), the same as torch's fus
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["BatchNorm", "batch_norm_train"]
+__all__ = [
+    "BatchNorm",
+    "NoiseDraw",
+    "NoiseSettings",
+    "NoisyBatchNorm",
+    "batch_norm_train",
+    "draw_bn_noise",
+    "noise_states",
+    "set_noise_states",
+]
 
 
 def _reduce_dims(ndim: int) -> tuple[int, ...]:
@@ -303,3 +313,113 @@ class BatchNorm(nn.Module):
             f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
             f"grad_through_stats={self.grad_through_stats}"
         )
+
+
+# --- noisy BatchNorm (Santurkar et al. 2018, section 2.1) --------------------------------
+@dataclass(frozen=True)
+class NoiseSettings:
+    """The distributions of noisy BN: a <- s * a + m after each BN layer.
+
+    Each step and layer (and variant) draws mu_t ~ U(-shift, shift) and
+    sigma_t ~ U(scale_low, scale_high); each element then draws
+    m ~ U(mu_t - shift_spread, mu_t + shift_spread) and s ~ N(sigma_t, scale_std).
+    """
+
+    shift: float = 0.5
+    scale_low: float = 1.0
+    scale_high: float = 1.25
+    shift_spread: float = 0.1
+    scale_std: float = 0.1
+
+
+@dataclass
+class NoiseDraw:
+    """One step's noise for one layer: per-group step values and per-element s and m."""
+
+    mu: torch.Tensor  # (groups,)
+    sigma: torch.Tensor  # (groups,)
+    scale: torch.Tensor  # like the activation
+    shift: torch.Tensor  # like the activation
+
+
+def draw_bn_noise(
+    shape: tuple[int, ...], groups: int, settings: NoiseSettings, generator: torch.Generator
+) -> NoiseDraw:
+    """Noise for an activation of ``shape`` (N, C, ...) whose C channels form ``groups``
+    equal groups (one per variant in a lockstep run), each with its own mu_t and sigma_t."""
+    dev = generator.device
+    channels = shape[1]
+    mu = (torch.rand(groups, generator=generator, device=dev) * 2 - 1) * settings.shift
+    span = settings.scale_high - settings.scale_low
+    sigma = settings.scale_low + span * torch.rand(groups, generator=generator, device=dev)
+    per_channel = (1, channels) + (1,) * (len(shape) - 2)
+    mu_c = mu.repeat_interleave(channels // groups).view(per_channel)
+    sigma_c = sigma.repeat_interleave(channels // groups).view(per_channel)
+    uniform = torch.rand(shape, generator=generator, device=dev) * 2 - 1
+    normal = torch.randn(shape, generator=generator, device=dev)
+    return NoiseDraw(
+        mu,
+        sigma,
+        sigma_c + settings.scale_std * normal,
+        mu_c + settings.shift_spread * uniform,
+    )
+
+
+class NoisyBatchNorm(BatchNorm):
+    """Our BatchNorm followed, in training mode, by a fresh random scale and shift.
+
+    Santurkar et al. inject this noise to make the distributions *less* stable than in a
+    plain net, and find that such a net still trains about as well as BN: evidence that
+    BN's benefit is not stable distributions. Evaluation mode adds no noise (as dropout).
+    The noise has its own seeded generator, so a run stays reproducible and a measurement
+    can replay a step's noise exactly (``noise_state`` / ``set_noise_state``).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *args,
+        groups: int = 1,
+        noise: NoiseSettings | None = None,
+        seed: int = 0,
+        **kwargs,
+    ) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        if num_features % groups:
+            raise ValueError(f"groups = {groups}: must divide num_features = {num_features}")
+        self.groups = groups
+        self.noise = noise or NoiseSettings()
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    def noise_state(self) -> torch.Tensor | None:
+        return None if self._generator is None else self._generator.get_state()
+
+    def set_noise_state(self, state: torch.Tensor | None) -> None:
+        if state is None:
+            self._generator = None
+        elif self._generator is not None:
+            self._generator.set_state(state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if not self.training:
+            return y
+        draw = draw_bn_noise(tuple(y.shape), self.groups, self.noise, self.generator(y.device))
+        return torch.addcmul(draw.shift.to(y.dtype), y, draw.scale.to(y.dtype))
+
+
+def noise_states(model: nn.Module) -> list[torch.Tensor | None]:
+    """The noise generators' states of every noisy BN layer in ``model``, in module order."""
+    return [m.noise_state() for m in model.modules() if isinstance(m, NoisyBatchNorm)]
+
+
+def set_noise_states(model: nn.Module, states: list[torch.Tensor | None]) -> None:
+    layers = [m for m in model.modules() if isinstance(m, NoisyBatchNorm)]
+    for layer, state in zip(layers, states, strict=True):
+        layer.set_noise_state(state)

@@ -39,6 +39,7 @@ NORMS: dict[str, str] = {
     "batchnorm": "our BatchNorm, gradient through the batch statistics",
     "batchnorm-naive": "our BatchNorm, batch statistics held constant in the gradient",
     "batchnorm-torch": "torch.nn.BatchNorm1d/2d, as a reference line",
+    "batchnorm-noisy": "our BatchNorm, then random shift and scale each step (Santurkar et al.)",
 }
 # A variant may be written as a bare name; these names imply their normalization.
 _SHORTHAND = {"plain": "none", **{k: k for k in NORMS if k != "none"}}
@@ -162,6 +163,25 @@ FIELDS: dict[str, FieldSpec] = {
     "saturation_threshold": FieldSpec(float, "saturation cut-off", 0.5, 1.0, low_open=True),
     "max_points": FieldSpec(int, "points kept per series", 10, 100_000),
     "max_histograms": FieldSpec(int, "histograms kept per layer", 10, 10_000),
+    # Santurkar et al. (2018): internal covariate shift, noisy BN, landscape probes
+    "ics_every": FieldSpec(int, "steps between ICS measurements (0: off)", 0, 100_000),
+    "landscape_every": FieldSpec(int, "steps between landscape probes (0: off)", 0, 100_000),
+    "landscape_low": FieldSpec(
+        float, "smallest probe step, in units of lr", 0.0, 100.0, low_open=True
+    ),
+    "landscape_high": FieldSpec(
+        float, "largest probe step, in units of lr", 0.0, 100.0, low_open=True
+    ),
+    "landscape_points": FieldSpec(int, "probe steps along the gradient", 2, 32),
+    "bn_noise_shift": FieldSpec(float, "noisy BN: each step's mean shift is U(-a, a)", 0.0, 10.0),
+    "bn_noise_scale_low": FieldSpec(
+        float, "noisy BN: each step's scale is U(low, high)", 0.0, 10.0
+    ),
+    "bn_noise_scale_high": FieldSpec(
+        float, "noisy BN: each step's scale is U(low, high)", 0.0, 10.0
+    ),
+    "bn_noise_shift_spread": FieldSpec(float, "noisy BN: per-element shift spread", 0.0, 10.0),
+    "bn_noise_scale_std": FieldSpec(float, "noisy BN: per-element scale std", 0.0, 10.0),
 }
 LIVE_FIELDS = ("lr", "momentum", "bn_momentum")
 _TOP_LEVEL = set(FIELDS) | {"variants"}
@@ -241,6 +261,18 @@ class RunConfig:
     saturation_threshold: float = 0.97
     max_points: int = 1000
     max_histograms: int = 200
+    ics_every: int = 0
+    landscape_every: int = 0
+    landscape_low: float = 0.5
+    landscape_high: float = 4.0
+    landscape_points: int = 8
+    # Santurkar et al.'s noise: per step and layer mu ~ U(-0.5, 0.5), sigma ~ U(1, 1.25);
+    # per element m ~ U(mu - 0.1, mu + 0.1), s ~ N(sigma, 0.1).
+    bn_noise_shift: float = 0.5
+    bn_noise_scale_low: float = 1.0
+    bn_noise_scale_high: float = 1.25
+    bn_noise_shift_spread: float = 0.1
+    bn_noise_scale_std: float = 0.1
 
     def __post_init__(self) -> None:
         for name, spec in FIELDS.items():
@@ -265,6 +297,18 @@ class RunConfig:
                 "probe_unit",
                 self.probe_unit,
                 "allowed: an integer in [0, 5] (LeNet's first layer has 6 channels)",
+            )
+        if self.landscape_low > self.landscape_high:
+            raise ConfigError(
+                "landscape_low",
+                self.landscape_low,
+                f"allowed: at most landscape_high ({self.landscape_high:g})",
+            )
+        if self.bn_noise_scale_low > self.bn_noise_scale_high:
+            raise ConfigError(
+                "bn_noise_scale_low",
+                self.bn_noise_scale_low,
+                f"allowed: at most bn_noise_scale_high ({self.bn_noise_scale_high:g})",
             )
         if self.model == "lenet" and self.dataset not in ("digits", "mnist", "fashion-mnist"):
             raise ConfigError(

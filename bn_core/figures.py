@@ -35,6 +35,9 @@ __all__ = [
     "ChartInfo",
     "apply_theme",
     "grad_norms",
+    "ics_cos",
+    "ics_l2",
+    "landscape",
     "histogram_overlay",
     "loss_accuracy",
     "percentile_bands",
@@ -154,6 +157,29 @@ CHARTS: dict[str, ChartInfo] = {
             "log10 of the size of one step's update relative to the weights. Around -3 "
             "(dashed line) is a healthy rate; far above means the step is too large, far "
             "below that the layer hardly moves.",
+        ),
+        ChartInfo(
+            "ics_l2",
+            "Internal covariate shift per layer (Santurkar et al., Def. 2.1)",
+            "How much a layer's gradient changes when only the layers below it take this "
+            "step's update, ‖G − G′‖ on the same batch (log scale). If BN worked by "
+            "reducing internal covariate shift, its curves would sit below the plain net's; "
+            "in Santurkar et al.'s measurements, and often here, they do not.",
+        ),
+        ChartInfo(
+            "ics_cos",
+            "Gradient direction kept under the shift, cos(G, G′)",
+            "1 means the earlier layers' update left the direction of this layer's gradient "
+            "unchanged; lower means the layer is chasing a moving target. Read it next to "
+            "the loss: a net can train fast with low values here.",
+        ),
+        ChartInfo(
+            "landscape",
+            "The loss landscape along the gradient (Santurkar et al., section 3)",
+            "At each probe the step runs along −g from 0.5 to 4 learning rates (by default): "
+            "bands show the range of the loss and of the gradient change met on the way, "
+            "and β the steepest change of the gradient per unit step. Narrower bands and a "
+            "smaller β mean a smoother landscape, on which larger steps are safe.",
         ),
     )
 }
@@ -874,12 +900,14 @@ def _per_layer(
     include: float | None = None,
     tickformat: str | None = None,
     hover: str = "",
+    layers: Sequence[str] | None = None,
 ) -> tuple[_Canvas, list[_Panel]]:
     """Small multiples of one per-layer metric over steps, a line per variant.
 
     ``include``: a y value the shared axis must show (a guide line), with some margin.
+    ``layers``: the panels, when not every layer has the metric (default all layers).
     """
-    layers = history.layers()
+    layers = history.layers() if layers is None else list(layers)
     rows, cols = _layer_grid(len(layers))
     # Between rows: the x tick labels and title of the row above, and the layer names.
     canvas = _Canvas(
@@ -1063,3 +1091,99 @@ def percentile_bands(
             "light bands: min-max and ±1.5, ±1, ±0.5 σ (TensorBoard)"
         )
     return canvas.figure(title, theme, subtitle=subtitle)
+
+
+def _layers_with(history: History, metric: str) -> list[str]:
+    return [
+        layer
+        for layer in history.layers()
+        if any(len(history.series(v, layer, metric)[0]) for v in history.variants())
+    ]
+
+
+def ics_l2(history: History, *, theme: str = "screen") -> go.Figure:
+    """||G - G'|| per layer over steps (log scale): Santurkar et al.'s ICS measure."""
+    _check_theme(theme)
+    layers = _layers_with(history, "ics_l2")
+    canvas, _ = _per_layer(
+        history, "ics_l2", "‖G − G′‖ (log scale)", log_y=True, hover="ICS ", layers=layers
+    )
+    return canvas.figure(
+        CHARTS["ics_l2"].title,
+        theme,
+        subtitle="G: the layer's weight gradient; G′: the same after only the layers below "
+        "it took the step (same batch). Layer 1 has none below: its ICS is 0.",
+    )
+
+
+def ics_cos(history: History, *, theme: str = "screen") -> go.Figure:
+    """cos(G, G') per layer over steps, with the guide at 1 (direction unchanged)."""
+    _check_theme(theme)
+    layers = _layers_with(history, "ics_cos")
+    canvas, panels = _per_layer(
+        history, "ics_cos", "cos(G, G′)", include=1.0, hover="cos ", layers=layers
+    )
+    for panel in panels:
+        canvas.guide(panel, 1.0, "1: same direction")
+    return canvas.figure(
+        CHARTS["ics_cos"].title,
+        theme,
+        subtitle="cosine between each layer's gradient before and after the layers below it moved",
+    )
+
+
+_LANDSCAPE_PANELS = (
+    ("landscape_loss_min", "landscape_loss_max", "loss L(W − ηg)", True),
+    ("landscape_grad_diff_min", "landscape_grad_diff_max", "‖∇L(W − ηg) − ∇L(W)‖", True),
+    ("landscape_beta", None, "effective β-smoothness", True),
+)
+
+
+def landscape(history: History, *, theme: str = "screen") -> go.Figure:
+    """Loss variation, gradient predictiveness (bands, min to max over the step sizes)
+    and effective beta-smoothness over training, a color per variant."""
+    _check_theme(theme)
+    canvas = _Canvas(
+        1,
+        3,
+        column_titles=("Loss variation", "Gradient predictiveness", "β-smoothness"),
+        horizontal_spacing=0.07,
+    )
+    panels = [canvas.panel(1, c) for c in (1, 2, 3)]
+    seen: list[list[np.ndarray]] = [[], [], []]
+    for i, variant in enumerate(history.variants()):
+        color = variant_color(variant, i)
+        for k, ((low_m, high_m, label, _), panel) in enumerate(
+            zip(_LANDSCAPE_PANELS, panels, strict=True)
+        ):
+            steps, low = history.series(variant, "", low_m)
+            if not len(steps):
+                continue
+            seen[k].append(low)
+            if high_m is not None:
+                _, high = history.series(variant, "", high_m)
+                seen[k].append(high)
+                canvas.add(panel, _band(steps, low, high, variant, _rgba(color, 0.3)))
+                for values in (low, high):
+                    canvas.add(
+                        panel, _line(steps, values, variant, color, width=1.25, hover=label + " ")
+                    )
+            else:
+                canvas.add(
+                    panel,
+                    _line(steps, low, variant, color, width=2.0, showlegend=True, hover="β "),
+                )
+    for k, ((*_, label, log_y), panel) in enumerate(zip(_LANDSCAPE_PANELS, panels, strict=True)):
+        canvas.axis(
+            panel,
+            x_title=STEP_AXIS,
+            y_title=label + (" (log)" if log_y else ""),
+            y=_log_axis(seen[k]) if log_y else None,
+        )
+    canvas.events(history)
+    return canvas.figure(
+        CHARTS["landscape"].title,
+        theme,
+        subtitle="at each probe, steps of η·lr along −g on the step's batch; "
+        "bands: min to max over η",
+    )

@@ -17,10 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bn_core.batchnorm import BatchNorm
+from bn_core.batchnorm import BatchNorm, NoiseSettings, NoisyBatchNorm
 from bn_core.config import RunConfig, VariantSpec
 
-__all__ = ["LayerRecord", "LayerStack", "LockstepLeNet", "LockstepMLP", "build_model", "make_norm"]
+__all__ = [
+    "LayerRecord",
+    "LayerStack",
+    "LockstepLeNet",
+    "LockstepMLP",
+    "build_model",
+    "make_norm",
+    "noise_settings",
+    "variant_losses",
+]
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
 
@@ -49,14 +58,44 @@ class LayerStack:
     bias_grad: torch.Tensor
 
 
-def make_norm(norm: str, features: int, dims: int, bn_momentum: float | None) -> nn.Module | None:
-    """The normalization layer a variant uses, or None for the plain net."""
+def make_norm(
+    norm: str,
+    features: int,
+    dims: int,
+    bn_momentum: float | None,
+    *,
+    groups: int = 1,
+    noise: NoiseSettings | None = None,
+    seed: int = 0,
+) -> nn.Module | None:
+    """The normalization layer a variant uses, or None for the plain net.
+
+    ``groups``, ``noise`` and ``seed`` only matter for batchnorm-noisy: ``groups`` variants
+    share the layer (one noise draw each), and ``seed`` seeds its noise generator.
+    """
     if norm == "none":
         return None
     if norm == "batchnorm-torch":
         cls = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
         return cls(features, momentum=bn_momentum)
+    if norm == "batchnorm-noisy":
+        return NoisyBatchNorm(features, momentum=bn_momentum, groups=groups, noise=noise, seed=seed)
     return BatchNorm(features, momentum=bn_momentum, grad_through_stats=(norm != "batchnorm-naive"))
+
+
+def noise_settings(config: RunConfig) -> NoiseSettings:
+    return NoiseSettings(
+        shift=config.bn_noise_shift,
+        scale_low=config.bn_noise_scale_low,
+        scale_high=config.bn_noise_scale_high,
+        shift_spread=config.bn_noise_shift_spread,
+        scale_std=config.bn_noise_scale_std,
+    )
+
+
+def _noise_seed(config: RunConfig, layer: int, variant: int = 0) -> int:
+    # A different stream per layer and per net, reproducible from the run's seed.
+    return (config.seed * 1_000_003 + 1009 * (layer + 1) + variant) % 2**63
 
 
 def _bias_kept(spec: VariantSpec, config: RunConfig) -> bool:
@@ -82,7 +121,14 @@ class _NormGroups(nn.Module):
     per-channel statistics. Runs are contiguous slices, so no gather or scatter is needed.
     """
 
-    def __init__(self, specs: tuple[VariantSpec, ...], width: int, bn_momentum: float | None):
+    def __init__(
+        self,
+        specs: tuple[VariantSpec, ...],
+        width: int,
+        bn_momentum: float | None,
+        noise: NoiseSettings | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
         self.width = width
         self.runs: list[tuple[int, int, str]] = []  # (start, stop, norm)
@@ -95,7 +141,12 @@ class _NormGroups(nn.Module):
         self.kinds = [norm for _, _, norm in bn_runs]
         self.group_index = [list(range(a, b)) for a, b, _ in bn_runs]
         self.groups = nn.ModuleList(
-            [make_norm(norm, (b - a) * width, 1, bn_momentum) for a, b, norm in bn_runs]
+            [
+                make_norm(
+                    norm, (b - a) * width, 1, bn_momentum, groups=b - a, noise=noise, seed=seed + a
+                )
+                for a, b, norm in bn_runs
+            ]
         )
         # The module that normalizes each run, None for the plain ones.
         modules = iter(self.groups)
@@ -154,12 +205,15 @@ class LockstepMLP(nn.Module):
         mask = torch.tensor([float(_bias_kept(s, config)) for s in specs]).view(V, 1, 1)
         self.register_buffer("bias_mask", mask, persistent=False)
         fan_in = input_dim
-        for _ in range(config.depth):
+        noise = noise_settings(config)
+        for layer in range(config.depth):
             # Every variant starts from the same weights: a fair side-by-side comparison.
             w = _init_weight(fan_in, width, config, gen)
             self.weights.append(nn.Parameter(w.expand(V, -1, -1).clone()))
             self.biases.append(nn.Parameter(torch.zeros(V, 1, width)))
-            self.norms.append(_NormGroups(specs, width, config.bn_momentum))
+            self.norms.append(
+                _NormGroups(specs, width, config.bn_momentum, noise, _noise_seed(config, layer))
+            )
             fan_in = width
         w = _init_weight(fan_in, num_classes, config, gen)
         self.out_weight = nn.Parameter(w.expand(V, -1, -1).clone())
@@ -197,6 +251,18 @@ class LockstepMLP(nn.Module):
             grad = torch.zeros_like(W) if W.grad is None else W.grad
             out.append(LayerStack(W, grad, (b * self.bias_mask)[:, 0], bias_grad[:, 0]))
         return out
+
+    def layer_parameters(self, layer: int) -> list[nn.Parameter]:
+        """Every parameter of hidden layer ``layer`` (0-based): weight, bias and its BN's."""
+        return [self.weights[layer], self.biases[layer], *self.norms[layer].parameters()]
+
+    def layer_weights(self, layer: int) -> list[nn.Parameter]:
+        """The weight tensors of hidden layer ``layer``: one, stacked over variants."""
+        return [self.weights[layer]]
+
+    def variant_rows(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """``layer_weights``-shaped tensors (or their gradients) as one row per variant."""
+        return tensors[0].flatten(1)
 
     def bn_running_stats(self, variant: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         return [norm.stats(variant) for norm in self.norms]
@@ -265,7 +331,9 @@ def _variant_index(model: nn.Module, param: torch.Tensor) -> torch.Tensor:
 class _LeNet(nn.Module):
     """conv(6,5)-N-act-pool, conv(16,5)-N-act-pool, fc120-N-act, fc84-N-act, fc10."""
 
-    def __init__(self, spec: VariantSpec, config: RunConfig, side: int, num_classes: int):
+    def __init__(
+        self, spec: VariantSpec, config: RunConfig, side: int, num_classes: int, variant: int = 0
+    ):
         super().__init__()
         # 28x28: conv1 pads by 2 (LeNet-5's 32x32 input), conv2 runs unpadded: 16*5*5 = 400.
         # 8x8 digits: both convolutions pad by 2 so the 5x5 kernels fit: 16*2*2 = 64.
@@ -292,12 +360,19 @@ class _LeNet(nn.Module):
                 nn.init.zeros_(layer.bias)
             else:
                 layer.register_parameter("bias", None)
+        noise = noise_settings(config)
         self.norms = nn.ModuleList(
             [
-                make_norm(spec.norm, 6, 2, m) or nn.Identity(),
-                make_norm(spec.norm, 16, 2, m) or nn.Identity(),
-                make_norm(spec.norm, 120, 1, m) or nn.Identity(),
-                make_norm(spec.norm, 84, 1, m) or nn.Identity(),
+                make_norm(
+                    spec.norm,
+                    features,
+                    dims,
+                    m,
+                    noise=noise,
+                    seed=_noise_seed(config, layer, variant),
+                )
+                or nn.Identity()
+                for layer, (features, dims) in enumerate(((6, 2), (16, 2), (120, 1), (84, 1)))
             ]
         )
         self.head = nn.Linear(84, num_classes)
@@ -337,7 +412,9 @@ class LockstepLeNet(nn.Module):
 
     def __init__(self, config: RunConfig, side: int, num_classes: int) -> None:
         super().__init__()
-        nets = [_LeNet(spec, config, side, num_classes) for spec in config.variants]
+        nets = [
+            _LeNet(spec, config, side, num_classes, v) for v, spec in enumerate(config.variants)
+        ]
         self.nets = nn.ModuleList(nets)
         self.layer_names = nets[0].layer_names
 
@@ -373,6 +450,21 @@ class LockstepLeNet(nn.Module):
             )
         return out
 
+    def layer_parameters(self, layer: int) -> list[nn.Parameter]:
+        """Every parameter of hidden layer ``layer`` (0-based) in every variant's net."""
+        out: list[nn.Parameter] = []
+        for net in self.nets:
+            out += [*net.linears[layer].parameters(), *net.norms[layer].parameters()]
+        return out
+
+    def layer_weights(self, layer: int) -> list[nn.Parameter]:
+        """The weight tensors of hidden layer ``layer``: one per variant."""
+        return [net.linears[layer].weight for net in self.nets]
+
+    def variant_rows(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """``layer_weights``-shaped tensors (or their gradients) as one row per variant."""
+        return torch.stack([t.flatten() for t in tensors])
+
     def bn_running_stats(self, variant: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         return [
             (n.running_mean, n.running_var)
@@ -406,3 +498,14 @@ def build_model(
             raise ValueError(f"model = 'lenet' needs square images, got {image_shape}")
         return LockstepLeNet(config, image_shape[0], num_classes)
     return LockstepMLP(config, input_dim, num_classes)
+
+
+def variant_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each variant's mean cross-entropy on the batch: (V, N, classes) logits -> (V,).
+
+    Variants never share a parameter, so the gradient of the sum is each variant's own.
+    """
+    V, N, K = logits.shape
+    return (
+        F.cross_entropy(logits.reshape(V * N, K), y.repeat(V), reduction="none").view(V, N).mean(1)
+    )

@@ -15,10 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bn_core.batchnorm import noise_states, set_noise_states
 from bn_core.config import FIELDS, LIVE_FIELDS, ConfigError, RunConfig
 from bn_core.data import Dataset, load_dataset
+from bn_core.experiments.ics import measure_ics
+from bn_core.experiments.landscape import LANDSCAPE_METRICS, eta_grid, probe_landscape
 from bn_core.history import Event, History
-from bn_core.models import LayerRecord, build_model
+from bn_core.models import LayerRecord, build_model, variant_losses
 from bn_core.probes import (
     BAND_PERCENTILES,
     FIG1_PERCENTILES,
@@ -298,17 +301,16 @@ class Trainer:
         logging = self.step % cfg.telemetry_every == 0
         if not self.model.training:  # switching walks every module: only when needed
             self.model.train()
+        ics_due = cfg.ics_every > 0 and self.step % cfg.ics_every == 0
+        landscape_due = cfg.landscape_every > 0 and self.step % cfg.landscape_every == 0
+        # The noise this step's forward pass will draw, so a measurement can replay it.
+        noise = noise_states(self.model) if ics_due or landscape_due else None
         logits, records = self.model(x, record=logging)
         if logging:
             for r in records:
                 if r.output.requires_grad:
                     r.output.retain_grad()
-        V, N, K = logits.shape
-        losses = (
-            F.cross_entropy(logits.reshape(V * N, K), y.repeat(V), reduction="none")
-            .view(V, N)
-            .mean(1)
-        )
+        losses = variant_losses(logits, y)
         self.optimizer.zero_grad()
         losses.sum().backward()
         loss_values = losses.detach().tolist()
@@ -319,7 +321,12 @@ class Trainer:
             self._record_training_telemetry(loss_values, records)
         else:
             self._accumulate_loss(loss_values)
+        if landscape_due:
+            self._probe_landscape(x, y, noise)
+        before = [p.detach().clone() for p in self.optimizer.params] if ics_due else None
         self.optimizer.step()
+        if before is not None:
+            self._measure_ics(x, y, before, noise)
         self.step += 1
         self.history.note_step(self.step)
         if self.step % cfg.eval_every == 0 or self.step >= cfg.steps:
@@ -455,12 +462,47 @@ class Trainer:
                 self.history.add_histogram(self.step, variant, rec.name, "preact", pre_hist[ri])
                 self.history.add_histogram(self.step, variant, rec.name, "postact", post_hist[ri])
 
-    def _snapshot_buffers(self) -> list[torch.Tensor]:
-        return [b.clone() for b in self.model.buffers()]
+    # --- Santurkar et al.'s measurements -----------------------------------------------
+    def _measure_ics(self, x, y, before: list[torch.Tensor], noise: list) -> None:
+        """ics_l2 and ics_cos per layer (2 and up), right after the optimizer step."""
+        running = self._running()
+        if not running:
+            return
+        params = self.optimizer.params
+        measured = measure_ics(self.model, variant_losses, x, y, params, before, noise)
+        table = {name: (l2.tolist(), cos.tolist()) for name, (l2, cos) in measured.items()}
+        for v in running:
+            rows = []
+            for layer, (l2, cos) in table.items():
+                rows += [(layer, "ics_l2", l2[v]), (layer, "ics_cos", cos[v])]
+            self.history.add_many(self.step, self.variant_names[v], rows)
 
-    def _restore_buffers(self, saved: list[torch.Tensor]) -> None:
-        for b, s in zip(self.model.buffers(), saved, strict=True):
+    def _probe_landscape(self, x, y, noise: list) -> None:
+        """Loss and gradient along -g before the optimizer step (nothing is changed)."""
+        running = self._running()
+        if not running:
+            return
+        cfg, opt = self.config, self.optimizer
+        etas = eta_grid(cfg.landscape_low, cfg.landscape_high, cfg.landscape_points)
+        probe = probe_landscape(
+            self.model, variant_losses, x, y, opt.params, opt.owner, opt.lr_of, etas, noise
+        )
+        summary = probe.summary()
+        for v in running:
+            rows = [
+                ("", m, float(val)) for m, val in zip(LANDSCAPE_METRICS, summary[v], strict=True)
+            ]
+            self.history.add_many(self.step, self.variant_names[v], rows)
+
+    def _snapshot_buffers(self) -> tuple[list[torch.Tensor], list]:
+        # Noisy BN draws noise in a measurement pass too: keep its generators' states.
+        return [b.clone() for b in self.model.buffers()], noise_states(self.model)
+
+    def _restore_buffers(self, saved: tuple[list[torch.Tensor], list]) -> None:
+        buffers, noise = saved
+        for b, s in zip(self.model.buffers(), buffers, strict=True):
             b.copy_(s)
+        set_noise_states(self.model, noise)
 
     @torch.no_grad()
     def _evaluate(self) -> None:

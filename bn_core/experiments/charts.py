@@ -27,6 +27,7 @@ from bn_core.experiments.inside import (
     Stages,
     TrainEvalGap,
 )
+from bn_core.experiments.sweep import USABLE_WITHIN, SweepResult
 from bn_core.figures import (
     GUIDE_COLOR,
     STEP_AXIS,
@@ -50,6 +51,7 @@ __all__ = [
     "blowup_bias",
     "blowup_loss",
     "blowup_summary",
+    "lr_sweep_chart",
     "momentum_chart",
     "network_bias_grads",
     "network_bias_norms",
@@ -153,6 +155,14 @@ EXPERIMENT_CHARTS: dict[str, ChartInfo] = {
             "Same net, same batches, BN placed before or after the nonlinearity. Compare "
             "how fast the loss falls (top) and what share of sigmoid outputs sits on a flat "
             "end in each layer (below, on an axis fitted to the data).",
+        ),
+        ChartInfo(
+            "lr_sweep",
+            "Final loss and accuracy against the learning rate",
+            "Each point is one run, all from the same initial weights and batches; the "
+            "shaded span is the range of learning rates that works for that variant. "
+            "BN's span is typically much wider, the effect behind the paper's BN-x5 and "
+            "BN-x30.",
         ),
     )
 }
@@ -821,3 +831,89 @@ def placement_chart(
     if threshold is not None:
         subtitle += f" < {1 - threshold:.3g} or > {threshold:.3g}"
     return canvas.figure(EXPERIMENT_CHARTS["placement"].title, theme, subtitle=subtitle)
+
+
+def lr_sweep_chart(result: SweepResult, *, theme: str = "screen") -> go.Figure:
+    """Final training loss and test accuracy per learning rate (log x), a line per variant,
+    an x where a run diverged, and each variant's usable range shaded."""
+    _check_theme(theme)
+    canvas = _Canvas(2, 1, shared_x=True, row_titles=(), vertical_spacing=_spacing(60, 2))
+    loss_panel, acc_panel = canvas.panel(1, 1), canvas.panel(2, 1)
+    labels = list(dict.fromkeys(p.label for p in result.points))
+    losses = []
+    for i, label in enumerate(labels):
+        color = variant_color(label, i)
+        points = [p for p in result.points if p.label == label]
+        lrs = np.array([p.lr for p in points])
+        loss = np.array([p.loss for p in points])
+        acc = np.array([p.test_accuracy for p in points])
+        losses.append(loss)
+        canvas.add(
+            loss_panel, _trace(lrs, loss, label, color, mode="lines+markers", hover="loss %{y:.3g}")
+        )
+        canvas.add(
+            acc_panel,
+            _trace(
+                lrs,
+                acc,
+                label,
+                color,
+                mode="lines+markers",
+                showlegend=False,
+                hover="accuracy %{y:.1%}",
+            ),
+        )
+        gone = [p for p in points if p.diverged_at is not None]
+        if gone:
+            marks = _trace(
+                [p.lr for p in gone],
+                [1.0] * len(gone),
+                f"{label}: diverged",
+                color,
+                mode="markers",
+                hover="diverged",
+            )
+            marks["marker"] = {
+                "symbol": "x-thin-open",
+                "size": 14,
+                "color": color,
+                "line": {"width": 3},
+            }
+            marks["text"] = [f"diverged at step {p.diverged_at}" for p in gone]
+            marks["hovertemplate"] = "%{text}<extra>" + label + "</extra>"
+            canvas.add(acc_panel, marks)
+        span = result.usable.get(label)
+        if span is not None:
+            for panel in (loss_panel, acc_panel):
+                canvas.layout["shapes"].append(
+                    {
+                        "type": "rect",
+                        "name": "usable",
+                        "xref": panel.x,
+                        "yref": panel.y + " domain",
+                        "x0": span[0],
+                        "x1": span[1],
+                        "y0": 0.02 + 0.06 * i if panel is acc_panel else 0,
+                        "y1": 0.06 + 0.06 * i if panel is acc_panel else 1,
+                        "fillcolor": color,
+                        "opacity": 0.55 if panel is acc_panel else 0.07,
+                        "line": {"width": 0},
+                        "layer": "below",
+                    }
+                )
+    canvas.axis(loss_panel, y_title="training loss (log)", y=_log_axis(losses), x={"type": "log"})
+    canvas.axis(
+        acc_panel,
+        x_title="learning rate (log scale)",
+        y_title="test accuracy",
+        x={"type": "log", "tickformat": "~g"},
+        y={"tickformat": ".0%", "range": [0, 1.05]},
+    )
+    canvas.layout["hovermode"] = "closest"
+    done = f"{result.steps_done:,} of {result.steps_total:,} steps"
+    return canvas.figure(
+        EXPERIMENT_CHARTS["lr_sweep"].title,
+        theme,
+        subtitle=f"{done}; shaded: did not diverge and within {USABLE_WITHIN:.0%} of the best "
+        "accuracy (the bars at the bottom mark each span)",
+    )
