@@ -80,6 +80,14 @@ def test_every_field_refuses_bad_values(name, value):
         RunConfig.from_dict(BASE).replace(**{name: value})
 
 
+# Fields bounded by a partner (low <= high): the partner is set to its own widest value.
+PARTNERS = {
+    "landscape_low": {"landscape_high": FIELDS["landscape_high"].high},
+    "bn_noise_scale_low": {"bn_noise_scale_high": FIELDS["bn_noise_scale_high"].high},
+    "bn_noise_scale_high": {"bn_noise_scale_low": FIELDS["bn_noise_scale_low"].low},
+}
+
+
 @pytest.mark.parametrize("name", list(FIELDS))
 def test_every_field_accepts_its_bounds_and_choices(name):
     spec = FIELDS[name]
@@ -95,7 +103,11 @@ def test_every_field_accepts_its_bounds_and_choices(name):
             good.append(None)
     for value in good:
         # LeNet refuses probe_unit >= 6 and needs no width: test it on the defaults.
-        data = {"model": "lenet"} if value == "lenet" else {**BASE, name: value}
+        data = (
+            {"model": "lenet"}
+            if value == "lenet"
+            else {**BASE, **PARTNERS.get(name, {}), name: value}
+        )
         cfg = RunConfig.from_dict(data)
         got = getattr(cfg, name)
         assert got == value

@@ -22,6 +22,7 @@ from bn_core.experiments.inside import (
     synthetic_batch,
     train_eval_gap,
 )
+from bn_core.experiments.sweep import LrSweep
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -81,9 +82,21 @@ def placement(digits):
     return placement_runs(steps=21, config=cfg, dataset=digits)
 
 
+@pytest.fixture(scope="module")
+def sweep(digits):
+    """Three learning rates x {plain, batchnorm}, the last one high enough to diverge."""
+    base = load_preset("ioffe-fig1").replace(
+        width=16, depth=2, activation="relu", init_std=1.0, momentum=0.9, probe_size=50
+    )
+    run = LrSweep(base, [0.01, 0.5, 10.0], steps=40, dataset=digits)
+    while not run.finished:
+        run.advance(1.0)
+    return run.result()
+
+
 @pytest.fixture
 def builders(
-    blowup, net, batch_stages, gap, conventions, noise, invariance, placement
+    blowup, net, batch_stages, gap, conventions, noise, invariance, placement, sweep
 ) -> dict[str, object]:
     """{EXPERIMENT_CHARTS key: builder(theme) -> Figure} for every experiment chart."""
     return {
@@ -104,6 +117,7 @@ def builders(
             invariance, selected=10.0, theme=theme
         ),
         "placement": lambda theme: charts.placement_chart(placement, threshold=0.97, theme=theme),
+        "lr_sweep": lambda theme: charts.lr_sweep_chart(sweep, theme=theme),
     }
 
 
@@ -350,3 +364,32 @@ def test_sci_format():
     assert charts.sci_format(3.2e-12) == "3.2e-12"
     assert charts.sci_format(0.5) == "0.5"
     assert charts.sci_format(math.nan) == "–"
+
+
+def test_lr_sweep_chart_draws_each_run_and_marks_divergence_and_usable_spans(sweep):
+    fig = charts.lr_sweep_chart(sweep)
+    for label in ("plain", "batchnorm"):
+        points = [p for p in sweep.points if p.label == label]
+        loss_line, acc_line = [t for t in fig.data if t.name == label]
+        assert list(loss_line.x) == [p.lr for p in points] == [0.01, 0.5, 10.0]
+        np.testing.assert_array_equal(loss_line.y, [p.loss for p in points])
+        np.testing.assert_array_equal(acc_line.y, [p.test_accuracy for p in points])
+        assert loss_line.line.color == figures.VARIANT_COLORS[label]
+        gone = [p for p in points if p.diverged_at is not None]
+        marks = [t for t in fig.data if t.name == f"{label}: diverged"]
+        assert len(marks) == (1 if gone else 0)
+        if gone:
+            assert list(marks[0].x) == [p.lr for p in gone]
+            assert marks[0].text[0] == f"diverged at step {gone[0].diverged_at}"
+        spans = [
+            s
+            for s in fig.layout.shapes
+            if s.name == "usable" and s.fillcolor == loss_line.line.color
+        ]
+        span = sweep.usable[label]
+        assert len(spans) == (0 if span is None else 2)
+        for shape in spans:
+            assert (shape.x0, shape.x1) == span
+    assert any(p.diverged_at is not None for p in sweep.points)  # the test needs one
+    assert fig.layout.xaxis2.type == "log"
+    assert fig.layout.title.subtitle.text.startswith("40 of 40 steps")

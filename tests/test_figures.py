@@ -21,9 +21,12 @@ LR_CHANGE_STEP = 100
 
 @pytest.fixture(scope="module")
 def trainer() -> Trainer:
-    """The paper's Fig. 1 set-up for 200 steps, with a learning-rate change half way."""
+    """The paper's Fig. 1 set-up for 200 steps, with a learning-rate change half way
+    and Santurkar et al.'s measurements on."""
     torch.set_num_threads(1)
-    config = load_preset("ioffe-fig1").replace(steps=200, telemetry_every=10, eval_every=50)
+    config = load_preset("ioffe-fig1").replace(
+        steps=200, telemetry_every=10, eval_every=50, ics_every=10, landscape_every=50
+    )
     tr = Trainer(config)
     tr.advance(steps=LR_CHANGE_STEP)
     tr.set_live(lr=1.0)
@@ -57,6 +60,9 @@ BUILDERS = {
         h, layer="layer3", theme=theme
     ),
     "update_ratio": lambda h, theme="screen": figures.update_ratio(h, theme=theme),
+    "ics_l2": lambda h, theme="screen": figures.ics_l2(h, theme=theme),
+    "ics_cos": lambda h, theme="screen": figures.ics_cos(h, theme=theme),
+    "landscape": lambda h, theme="screen": figures.landscape(h, theme=theme),
 }
 TIME_SERIES = [k for k in BUILDERS if k != "histogram_overlay"]
 
@@ -440,3 +446,46 @@ def test_changes_at_one_step_share_a_line_and_a_label():
         labels = [a for a in fig.layout.annotations if a.name == "event" and a.xref == panel]
         assert [a.text for a in labels] == ["lr 8 → 0.5, momentum 0 → 0.9", "lr 0.5 → 0.1"]
         assert labels[1].xanchor == "right"  # late in the run: left of its line
+
+
+# --------------------------------------------------------------------------- Santurkar et al.
+
+
+def test_ics_charts_draw_layers_two_and_up_with_the_recorded_values(history):
+    for key, metric in (("ics_l2", "ics_l2"), ("ics_cos", "ics_cos")):
+        fig = BUILDERS[key](history)
+        titles = [a.text for a in fig.layout.annotations if a.name == "subplot_title"]
+        assert titles == ["layer2", "layer3"]  # layer 1 has no layers below: no ICS
+        for variant in history.variants():
+            for layer, panel in zip(titles, ("x", "x2"), strict=True):
+                (line,) = lines_of(fig, variant, panel)
+                steps, values = history.series(variant, layer, metric)
+                assert list(line.x) == list(steps) and len(steps) == 20
+                np.testing.assert_allclose(line.y, values, rtol=1e-6)
+    cos = BUILDERS["ics_cos"](history)
+    guides = [s for s in cos.layout.shapes if s.name == "guide"]
+    assert guides and all(s.y0 == 1.0 for s in guides)
+    assert BUILDERS["ics_l2"](history).layout.yaxis.type == "log"
+
+
+def test_landscape_draws_bands_min_to_max_and_beta(history):
+    fig = BUILDERS["landscape"](history)
+    for variant in history.variants():
+        bands = [t for t in data_traces(fig) if t.name == variant and t.fill == "toself"]
+        assert {t.xaxis for t in bands} == {"x", "x2"}
+        for band, (low_m, high_m) in zip(
+            sorted(bands, key=lambda t: t.xaxis),
+            (
+                ("landscape_loss_min", "landscape_loss_max"),
+                ("landscape_grad_diff_min", "landscape_grad_diff_max"),
+            ),
+            strict=True,
+        ):
+            steps, low = history.series(variant, "", low_m)
+            _, high = history.series(variant, "", high_m)
+            assert len(steps) == 4  # every 50 steps of 200
+            np.testing.assert_allclose(band.y, np.concatenate([low, high[::-1]]), rtol=1e-6)
+        (beta,) = lines_of(fig, variant, "x3")
+        np.testing.assert_allclose(
+            beta.y, history.series(variant, "", "landscape_beta")[1], rtol=1e-6
+        )

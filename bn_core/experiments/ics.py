@@ -67,21 +67,21 @@ def shifted_gradient(
     y: torch.Tensor,
     params: Sequence[nn.Parameter],
     before: Sequence[torch.Tensor],
+    after: Sequence[torch.Tensor],
     layer: int,
     noise: list | None = None,
 ) -> torch.Tensor:
     """G' of hidden layer ``layer`` (0-based) as (variants, weights), one row per variant.
 
-    ``params`` hold the values after the step and ``before`` their values before it.
-    Layers below ``layer`` keep the new values; ``layer`` itself, the layers above and the
-    output layer are set back to ``before``. ``noise`` replays the step's noise draws of
+    ``before`` and ``after`` hold the values of ``params`` before and after the step.
+    Layers below ``layer`` get the ``after`` values; ``layer`` itself, the layers above
+    and the output layer get ``before``. ``noise`` replays the step's noise draws of
     noisy BN layers, so G and G' see the same noise. The caller restores the state.
     """
     earlier = {id(p) for j in range(layer) for p in model.layer_parameters(j)}
     with torch.no_grad():
-        for p, old in zip(params, before, strict=True):
-            if id(p) not in earlier:
-                p.copy_(old)
+        for p, old, new in zip(params, before, after, strict=True):
+            p.copy_(new if id(p) in earlier else old)
     if noise is not None:
         set_noise_states(model, noise)
     logits, _ = model(x)
@@ -105,10 +105,11 @@ def measure_ics(
     not reported.
     """
     out = {}
+    after = [p.detach().clone() for p in params]
     with preserved_state(model, params):
         for layer in range(1, len(model.layer_names)):
             G = model.variant_rows([w.grad for w in model.layer_weights(layer)])
-            G_shift = shifted_gradient(model, loss_fn, x, y, params, before, layer, noise)
+            G_shift = shifted_gradient(model, loss_fn, x, y, params, before, after, layer, noise)
             diff = (G - G_shift).norm(dim=1)
             cos = torch.nn.functional.cosine_similarity(G, G_shift, dim=1, eps=1e-30)
             out[model.layer_names[layer]] = (diff, cos)
