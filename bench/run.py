@@ -512,6 +512,48 @@ def fig1_full(config: Config) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- Santurkar et al.
+
+
+@benchmark("ics_overhead", target=1.5)
+def ics_overhead(config: Config) -> dict:
+    """ioffe-fig1 with the ICS measurement every 10 steps vs the same run without it."""
+    from bn_core.train import Trainer
+
+    measured = Trainer(_fig1_config(ics_every=10))
+    bare = Trainer(_fig1_config())
+    chunk = 100
+    rounds = config.pick(9, 31)
+    timing = interleaved(_advance(measured, chunk), _advance(bare, chunk), rounds, 1, 2)
+    return {
+        "ours_s": timing.ours_s / chunk,
+        "reference_s": timing.reference_s / chunk,
+        "note": f"s/step, digits, telemetry every 10 on both; {rounds} rounds of {chunk} steps",
+    }
+
+
+@benchmark("sweep_8", target=3.0)
+def sweep_8(config: Config) -> dict:
+    """The sweep's lockstep run of 4 learning rates x {plain, batchnorm} vs one variant alone."""
+    from bn_core.experiments.sweep import LrSweep, lr_grid
+    from bn_core.train import Trainer
+
+    sweep = LrSweep(_fig1_config(), lr_grid(0.01, 10, 4), steps=1000)
+    (trainer,) = sweep.trainers
+    # The sweep page's cadences, but a run that never finishes during the benchmark.
+    eight = trainer.config.replace(steps=10_000_000)
+    one = eight.replace(variants=[eight.to_dict()["variants"][-1]])  # batchnorm at lr 10
+    ours, ref = Trainer(eight, trainer.dataset), Trainer(one, trainer.dataset)
+    chunk = 100
+    rounds = config.pick(9, 31)
+    timing = interleaved(_advance(ours, chunk), _advance(ref, chunk), rounds, 1, 2)
+    return {
+        "ours_s": timing.ours_s / chunk,
+        "reference_s": timing.reference_s / chunk,
+        "note": f"s/step, digits, 8 variants vs 1; {rounds} rounds of {chunk} steps",
+    }
+
+
 from bench.export_pack import export_pack as _export_pack  # noqa: E402
 
 benchmark("export_pack", target=1.0)(_export_pack)

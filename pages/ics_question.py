@@ -14,6 +14,21 @@ PRESET = "ics-smoothness"
 TICK_SECONDS = 0.5  # one redraw per tick; these measurements make steps slower
 TRAIN_SECONDS = 0.3
 TARGET_ACCURACY = 0.9
+# The config fields this page's sidebar sets (widget key "ics_w_<field>").
+SETTINGS = (
+    "steps",
+    "seed",
+    "ics_every",
+    "landscape_every",
+    "landscape_low",
+    "landscape_high",
+    "landscape_points",
+    "bn_noise_shift",
+    "bn_noise_scale_low",
+    "bn_noise_scale_high",
+    "bn_noise_shift_spread",
+    "bn_noise_scale_std",
+)
 
 ss = st.session_state
 
@@ -21,12 +36,7 @@ ss = st.session_state
 def new_run() -> None:
     """A fresh run with the length and cadences chosen; a bad choice keeps the old run."""
     try:
-        config = load_preset(PRESET).replace(
-            steps=ss.ics_w_steps,
-            ics_every=ss.ics_w_ics_every,
-            landscape_every=ss.ics_w_landscape_every,
-            seed=ss.ics_w_seed,
-        )
+        config = load_preset(PRESET).replace(**{f: ss[f"ics_w_{f}"] for f in SETTINGS})
         ss.ics_trainer = Trainer(config)
     except ConfigError as err:
         ss.ics_message = f"Not restarted, the current run is kept. {err}"
@@ -39,10 +49,8 @@ def set_playing(on: bool) -> None:
 
 
 base = load_preset(PRESET)
-ss.setdefault("ics_w_steps", base.steps)
-ss.setdefault("ics_w_ics_every", base.ics_every)
-ss.setdefault("ics_w_landscape_every", base.landscape_every)
-ss.setdefault("ics_w_seed", base.seed)
+for field in SETTINGS:
+    ss.setdefault(f"ics_w_{field}", getattr(base, field))
 ss.setdefault("ics_playing", False)
 if "ics_trainer" not in ss:
     new_run()
@@ -98,6 +106,26 @@ with st.sidebar:
         "forward and backward passes.",
     )
     st.number_input("Seed", 0, 2**31 - 1, key="ics_w_seed")
+    with st.expander("Probe step sizes"):
+        st.caption(
+            "The probe steps η·lr along −g for log-spaced η. Santurkar et al. used about "
+            "0.5 to 4 for VGG and 0.01 to 30 for a deep linear net."
+        )
+        c1, c2 = st.columns(2)
+        c1.number_input("η from", 0.001, 100.0, format="%g", key="ics_w_landscape_low")
+        c2.number_input("η to", 0.001, 100.0, format="%g", key="ics_w_landscape_high")
+        st.number_input("Points", 2, 32, key="ics_w_landscape_points")
+    with st.expander("Noise of batchnorm-noisy"):
+        st.caption(
+            "After each BN: a ← s·a + m. Per step and layer μ ~ U(−shift, shift) and "
+            "σ ~ U(low, high); per element m ~ U(μ − spread, μ + spread), s ~ N(σ, std)."
+        )
+        c1, c2 = st.columns(2)
+        c1.number_input("Shift", 0.0, 10.0, step=0.1, key="ics_w_bn_noise_shift")
+        c2.number_input("Spread", 0.0, 10.0, step=0.05, key="ics_w_bn_noise_shift_spread")
+        c1.number_input("Scale low", 0.0, 10.0, step=0.05, key="ics_w_bn_noise_scale_low")
+        c2.number_input("Scale high", 0.0, 10.0, step=0.05, key="ics_w_bn_noise_scale_high")
+        st.number_input("Scale std", 0.0, 10.0, step=0.05, key="ics_w_bn_noise_scale_std")
 
 if ss.get("ics_message"):
     st.error(ss.ics_message)
