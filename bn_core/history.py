@@ -443,3 +443,18 @@ class History:
             total += sum(track.nbytes() for track in self._hists.values())
             total += sum(edges.nbytes for edges in self._edges.values())
             return int(total)
+
+    def bound_nbytes(self) -> int:
+        """The most ``nbytes`` can reach with the series and histograms stored so far.
+
+        Every track is capped at its limit plus one row (the row that triggers a
+        thinning), 8 bytes per step and 8 per value, so a run of any length stays under
+        this once all its series exist.
+        """
+        with self._lock:
+            total = len(self._series) * (self.max_points + 1) * 16
+            for track in self._hists.values():
+                row = int(np.prod(track.values.shape[1:]))
+                total += (self.max_histograms + 1) * (8 + 8 * row)
+            total += sum(edges.nbytes for edges in self._edges.values())
+            return int(total)

@@ -2,12 +2,57 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+LONG_RUN_STEPS = int(os.environ.get("BN_LAB_LONG_RUN_STEPS", "1000000"))
+_long_run_key = pytest.StashKey[tuple[subprocess.Popen, Path, int]]()
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Start the long headless run (tests/test_long_run.py) in the background right away.
+
+    A million steps take tens of minutes on one core; run alongside the rest of the suite
+    (which uses one torch thread), they cost little wall time. The tests that read the
+    result are moved to the end.
+    """
+    waiting = [item for item in items if item.get_closest_marker("long_run")]
+    if not waiting:
+        return
+    items[:] = [item for item in items if item not in waiting] + waiting
+    out = ROOT / "artifacts" / "long_run.json"
+    out.parent.mkdir(exist_ok=True)
+    out.unlink(missing_ok=True)
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "long_run.py"),
+        "--steps",
+        str(LONG_RUN_STEPS),
+        "--warmup",
+        str(min(50_000, LONG_RUN_STEPS // 10)),
+        "--json",
+        str(out),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    config.stash[_long_run_key] = (process, out, LONG_RUN_STEPS)
+
+
+def pytest_unconfigure(config):
+    started = config.stash.get(_long_run_key, None)
+    if started is not None and started[0].poll() is None:
+        started[0].kill()
+
+
+@pytest.fixture(scope="session")
+def long_run(pytestconfig) -> tuple[subprocess.Popen, Path, int]:
+    """The background long run: its process, the JSON file it writes, and its length."""
+    return pytestconfig.stash[_long_run_key]
 
 
 @pytest.fixture(scope="session")
