@@ -166,21 +166,15 @@ def ics_panel() -> None:
     st.subheader("The numbers behind both views")
     rows = claims_summary(history, layer, TARGET_ACCURACY)
     variants = history.variants() or trainer.variant_names
-    left, right = st.columns(2)
-    for column, claim in ((left, "Ioffe & Szegedy"), (right, "Santurkar et al.")):
-        table = {
-            "measure": [r.measure for r in rows if r.claim == claim],
-            **{
-                v: [
-                    "–" if r.values.get(v) is None else r.fmt.format(r.values[v])
-                    for r in rows
-                    if r.claim == claim
-                ]
-                for v in variants
-            },
-        }
-        column.markdown(f"**{claim}**")
-        column.dataframe(table, hide_index=True, width="stretch")
+    table = {
+        "view": [r.claim for r in rows],
+        "measure": [r.measure for r in rows],
+        **{
+            v: ["–" if r.values.get(v) is None else r.fmt.format(r.values[v]) for r in rows]
+            for v in variants
+        },
+    }
+    st.dataframe(table, hide_index=True, width="stretch")
     with st.expander("How each number is measured"):
         for r in rows:
             st.markdown(f"- **{r.measure}** ({r.claim}): {r.help}.")

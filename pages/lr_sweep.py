@@ -110,10 +110,11 @@ def sweep_panel() -> None:
             ss.sweep_running = False
             st.rerun()
     state = "running" if ss.sweep_running else ("finished" if sweep.finished else "stopped")
+    nets = len(sweep.rates) * len(sweep.norms)
     st.progress(
         sweep.progress,
-        text=f"Sweep {state}: {sweep.steps_done:,} of {sweep.steps_total:,} steps "
-        f"({len(sweep.rates)} rates × plain, batchnorm)",
+        text=f"Sweep {state}: {sweep.steps_done:,} of {sweep.steps_total:,} lockstep steps "
+        f"({nets} nets of {sweep.steps:,} steps, trained at most 8 at a time)",
     )
     result = sweep.result()
     row = st.container(horizontal=True, gap="medium")
@@ -134,7 +135,7 @@ def sweep_panel() -> None:
                 "training loss": p.loss,
                 "test loss": p.test_loss,
                 "test accuracy": p.test_accuracy,
-                "diverged at step": p.diverged_at,
+                "diverged at step": "–" if p.diverged_at is None else f"{p.diverged_at:,}",
             }
             for p in result.points
         ]

@@ -381,15 +381,18 @@ def test_lr_sweep_chart_draws_each_run_and_marks_divergence_and_usable_spans(swe
         if gone:
             assert list(marks[0].x) == [p.lr for p in gone]
             assert marks[0].text[0] == f"diverged at step {gone[0].diverged_at}"
-        spans = [
+        shades = [
             s
             for s in fig.layout.shapes
             if s.name == "usable" and s.fillcolor == loss_line.line.color
         ]
+        bars = [t for t in fig.data if t.name == f"{label}: usable"]
         span = sweep.usable[label]
-        assert len(spans) == (0 if span is None else 2)
-        for shape in spans:
-            assert (shape.x0, shape.x1) == span
+        assert len(shades) == len(bars) == (0 if span is None else 1)
+        if span is not None:
+            assert (shades[0].x0, shades[0].x1) == span == tuple(bars[0].x)
+            assert bars[0].xaxis == acc_line.xaxis and max(bars[0].y) < 0  # under 0%
     assert any(p.diverged_at is not None for p in sweep.points)  # the test needs one
+    assert any(sweep.usable.values())  # and a usable span
     assert fig.layout.xaxis2.type == "log"
     assert fig.layout.title.subtitle.text.startswith("40 of 40 steps")

@@ -833,6 +833,10 @@ def placement_chart(
     return canvas.figure(EXPERIMENT_CHARTS["placement"].title, theme, subtitle=subtitle)
 
 
+# Heights (in accuracy units, below the 0% line) of the usable-range bars, per variant.
+_SPAN_BAR_Y = (-0.06, -0.12)
+
+
 def lr_sweep_chart(result: SweepResult, *, theme: str = "screen") -> go.Figure:
     """Final training loss and test accuracy per learning rate (log x), a line per variant,
     an x where a run diverged, and each variant's usable range shaded."""
@@ -884,36 +888,54 @@ def lr_sweep_chart(result: SweepResult, *, theme: str = "screen") -> go.Figure:
             canvas.add(acc_panel, marks)
         span = result.usable.get(label)
         if span is not None:
-            for panel in (loss_panel, acc_panel):
-                canvas.layout["shapes"].append(
-                    {
-                        "type": "rect",
-                        "name": "usable",
-                        "xref": panel.x,
-                        "yref": panel.y + " domain",
-                        "x0": span[0],
-                        "x1": span[1],
-                        "y0": 0.02 + 0.06 * i if panel is acc_panel else 0,
-                        "y1": 0.06 + 0.06 * i if panel is acc_panel else 1,
-                        "fillcolor": color,
-                        "opacity": 0.55 if panel is acc_panel else 0.07,
-                        "line": {"width": 0},
-                        "layer": "below",
-                    }
-                )
+            canvas.layout["shapes"].append(
+                {
+                    "type": "rect",
+                    "name": "usable",
+                    "xref": loss_panel.x,
+                    "yref": loss_panel.y + " domain",
+                    "x0": span[0],
+                    "x1": span[1],
+                    "y0": 0,
+                    "y1": 1,
+                    "fillcolor": color,
+                    "opacity": 0.08,
+                    "line": {"width": 0},
+                    "layer": "below",
+                }
+            )
+            # Under the accuracy axis's 0%: one bar per variant, so spans never hide a line.
+            bar = _trace(
+                list(span),
+                [_SPAN_BAR_Y[i % len(_SPAN_BAR_Y)]] * 2,
+                label,
+                color,
+                width=7,
+                showlegend=False,
+                hover=f"usable: {span[0]:g} to {span[1]:g}",
+            )
+            bar["name"] = f"{label}: usable"
+            bar["meta"] = "usable"
+            canvas.add(acc_panel, bar)
     canvas.axis(loss_panel, y_title="training loss (log)", y=_log_axis(losses), x={"type": "log"})
     canvas.axis(
         acc_panel,
         x_title="learning rate (log scale)",
         y_title="test accuracy",
         x={"type": "log", "tickformat": "~g"},
-        y={"tickformat": ".0%", "range": [0, 1.05]},
+        y={
+            "tickformat": ".0%",
+            "range": [_SPAN_BAR_Y[-1] - 0.04, 1.05],
+            "tickvals": [0, 0.2, 0.4, 0.6, 0.8, 1.0],
+        },
     )
     canvas.layout["hovermode"] = "closest"
     done = f"{result.steps_done:,} of {result.steps_total:,} steps"
+    if result.steps_done < result.steps_total:
+        done += " (points move until every run is done)"
     return canvas.figure(
         EXPERIMENT_CHARTS["lr_sweep"].title,
         theme,
-        subtitle=f"{done}; shaded: did not diverge and within {USABLE_WITHIN:.0%} of the best "
-        "accuracy (the bars at the bottom mark each span)",
+        subtitle=f"{done}; usable (shaded, and the bars under 0%): did not diverge and "
+        f"ended within {USABLE_WITHIN:.0%} of the best accuracy",
     )
