@@ -1,0 +1,66 @@
+"""Start the real app (`streamlit run app.py`) on a free loopback port, for tests and benches."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthy(url: str, timeout: float = 5) -> bool:
+    """Whether Streamlit's health endpoint answers "ok"."""
+    try:
+        with urllib.request.urlopen(url + "/_stcore/health", timeout=timeout) as response:
+            return response.read().decode().strip() == "ok"
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def streamlit_server(
+    log_path: Path, *, address: str | None = "127.0.0.1", start_timeout: float = 60
+) -> Iterator[str]:
+    """Yields the server's URL once healthy; its output goes to ``log_path``.
+
+    ``address=None`` leaves the listening address to .streamlit/config.toml.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py")]
+    cmd += ["--server.headless", "true", "--server.port", str(port)]
+    cmd += ["--browser.gatherUsageStats", "false"]
+    if address is not None:
+        cmd += ["--server.address", address]
+    env = {**os.environ, "BN_LAB_THREADS": "1"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + start_timeout
+            while not healthy(url):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"streamlit exited; see {log_path}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"streamlit not healthy within {start_timeout:.0f} s")
+                time.sleep(0.25)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,30 @@
+"""Two concurrent sessions of the real server: each trains its own run and sees only it.
+
+The 8-session measurement is the same code run on demand (bench/sessions.py --sessions 8);
+its numbers go in the release notes rather than in CI, where the machine is shared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.sessions import CHROMIUM, run_sessions
+
+pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.browser
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")
+def test_two_sessions_train_independently_and_the_server_stays_up(artifacts_dir):
+    result = run_sessions(2, 10.0, artifacts_dir / "streamlit_sessions_2.log")
+    print("\n2 sessions:", {k: v for k, v in result.items() if k != "per_session"})
+    assert result["failures"] == []
+    assert result["health_checks"] >= 10 and result["health_failures"] == 0
+    first, second = result["per_session"]
+    assert first["variants"] == ["plain", "s0"] and second["variants"] == ["plain", "s1"]
+    assert first["steps"] > 0 and second["steps"] > 0
+    assert result["total_steps_per_s"] == pytest.approx(
+        first["steps_per_s"] + second["steps_per_s"], abs=0.2
+    )
