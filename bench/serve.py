@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,11 +31,17 @@ def healthy(url: str, timeout: float = 5) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Server:
+    url: str
+    pid: int
+
+
 @contextlib.contextmanager
 def streamlit_server(
     log_path: Path, *, address: str | None = "127.0.0.1", start_timeout: float = 60
-) -> Iterator[str]:
-    """Yields the server's URL once healthy; its output goes to ``log_path``.
+) -> Iterator[Server]:
+    """Yields the server (URL and process id) once healthy; its output goes to ``log_path``.
 
     ``address=None`` leaves the listening address to .streamlit/config.toml.
     """
@@ -56,7 +63,7 @@ def streamlit_server(
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"streamlit not healthy within {start_timeout:.0f} s")
                 time.sleep(0.25)
-            yield url
+            yield Server(url, proc.pid)
         finally:
             proc.terminate()
             try:

@@ -50,7 +50,8 @@ def run_sessions(sessions: int, seconds: float, log_path: Path) -> dict:
     from playwright.sync_api import sync_playwright
 
     result: dict = {"sessions": sessions, "seconds": seconds, "failures": []}
-    with streamlit_server(log_path) as url:
+    with streamlit_server(log_path) as server:
+        url = server.url
         health = {"checks": 0, "failed": 0}
         stop = threading.Event()
 

@@ -61,6 +61,12 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _key(key: Any) -> str:
+    """An unknown key as the field a message names: as is when it reads as one short line."""
+    text = str(key)
+    return text if text and text.isprintable() and len(text) <= 80 else _show(text)
+
+
 @dataclass(frozen=True)
 class FieldSpec:
     """How one config field is typed, bounded and explained."""
@@ -209,9 +215,11 @@ class VariantSpec:
         unknown = set(raw) - {"name", "norm", "lr"}
         if unknown:
             key = sorted(unknown)[0]
-            raise ConfigError(f"{where}.{key}", raw[key], "unknown key; allowed: name, norm, lr")
+            raise ConfigError(
+                f"{where}.{_key(key)}", raw[key], "unknown key; allowed: name, norm, lr"
+            )
         name = raw.get("name")
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise ConfigError(
                 f"{where}.name", name, "allowed: 1-32 characters of a-z, 0-9, '_', '-', '.'"
             )
@@ -327,7 +335,7 @@ class RunConfig:
         if unknown:
             key = unknown[0]
             raise ConfigError(
-                str(key), data[key], "unknown field; allowed: " + ", ".join([*FIELDS, "variants"])
+                _key(key), data[key], "unknown field; allowed: " + ", ".join([*FIELDS, "variants"])
             )
         return cls(**dict(data))
 
@@ -335,7 +343,7 @@ class RunConfig:
     def from_json(cls, text: str | bytes) -> RunConfig:
         try:
             data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as err:
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
             raise ConfigError(
                 "config",
                 "<file>",
@@ -473,8 +481,8 @@ def from_query(
     for name, text in flat.items():
         if name not in _TOP_LEVEL:
             warnings.append(
-                f"Link parameter ignored: {name} = {text!r}: unknown parameter; allowed: "
-                + ", ".join(["preset", *FIELDS, "variants"])
+                f"Link parameter ignored: {_key(name)} = {_show(text)}: unknown parameter; "
+                "allowed: " + ", ".join(["preset", *FIELDS, "variants"])
             )
             continue
         try:

@@ -53,13 +53,15 @@ lr = c1.select_slider(
     options=LR_CHOICES,
     value=0.1,
     key="bb_lr",
+    persist_state="session",
     format_func=lambda v: f"{v:g}",
     help="Log scale: each notch multiplies by 2 or 2.5.",
 )
-steps = c2.slider("Gradient steps", 10, 1000, 200, step=10, key="bb_steps")
+steps = c2.slider("Gradient steps", 10, 1000, 200, step=10, key="bb_steps", persist_state="session")
 scale = c3.toggle(
     "Also scale",
     key="bb_scale",
+    persist_state="session",
     help="Divide by the batch std as well, x̂ = (x − μ_B)/√(σ²_B + ε), as BN does.",
 )
 
@@ -158,6 +160,7 @@ net_steps = n1.slider(
     200,
     step=20,
     key="bb_net_steps",
+    persist_state="session",
     help="About 25 steps a second on one CPU thread.",
 )
 if n2.button("Train both nets", type="primary", icon=":material/play_arrow:", width="stretch"):

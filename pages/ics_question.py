@@ -88,12 +88,15 @@ with st.sidebar:
         + ", ".join(v.name for v in base.variants)
         + ". Changes here take effect on **Restart**."
     )
-    st.number_input("Training steps", 100, 50_000, step=500, key="ics_w_steps")
+    st.number_input(
+        "Training steps", 100, 50_000, step=500, key="ics_w_steps", persist_state="session"
+    )
     st.number_input(
         "ICS every (steps)",
         0,
         1000,
         key="ics_w_ics_every",
+        persist_state="session",
         help="0 switches the measurement off. Each one costs one extra forward and "
         "backward pass per layer above the first.",
     )
@@ -102,30 +105,65 @@ with st.sidebar:
         0,
         1000,
         key="ics_w_landscape_every",
+        persist_state="session",
         help=f"0 switches it off. Each probe takes {base.landscape_points} extra "
         "forward and backward passes.",
     )
-    st.number_input("Seed", 0, 2**31 - 1, key="ics_w_seed")
+    st.number_input("Seed", 0, 2**31 - 1, key="ics_w_seed", persist_state="session")
     with st.expander("Probe step sizes"):
         st.caption(
             "The probe steps η·lr along −g for log-spaced η. Santurkar et al. used about "
             "0.5 to 4 for VGG and 0.01 to 30 for a deep linear net."
         )
         c1, c2 = st.columns(2)
-        c1.number_input("η from", 0.001, 100.0, format="%g", key="ics_w_landscape_low")
-        c2.number_input("η to", 0.001, 100.0, format="%g", key="ics_w_landscape_high")
-        st.number_input("Points", 2, 32, key="ics_w_landscape_points")
+        c1.number_input(
+            "η from", 0.001, 100.0, format="%g", key="ics_w_landscape_low", persist_state="session"
+        )
+        c2.number_input(
+            "η to", 0.001, 100.0, format="%g", key="ics_w_landscape_high", persist_state="session"
+        )
+        st.number_input("Points", 2, 32, key="ics_w_landscape_points", persist_state="session")
     with st.expander("Noise of batchnorm-noisy"):
         st.caption(
             "After each BN: a ← s·a + m. Per step and layer μ ~ U(−shift, shift) and "
             "σ ~ U(low, high); per element m ~ U(μ − spread, μ + spread), s ~ N(σ, std)."
         )
         c1, c2 = st.columns(2)
-        c1.number_input("Shift", 0.0, 10.0, step=0.1, key="ics_w_bn_noise_shift")
-        c2.number_input("Spread", 0.0, 10.0, step=0.05, key="ics_w_bn_noise_shift_spread")
-        c1.number_input("Scale low", 0.0, 10.0, step=0.05, key="ics_w_bn_noise_scale_low")
-        c2.number_input("Scale high", 0.0, 10.0, step=0.05, key="ics_w_bn_noise_scale_high")
-        st.number_input("Scale std", 0.0, 10.0, step=0.05, key="ics_w_bn_noise_scale_std")
+        c1.number_input(
+            "Shift", 0.0, 10.0, step=0.1, key="ics_w_bn_noise_shift", persist_state="session"
+        )
+        c2.number_input(
+            "Spread",
+            0.0,
+            10.0,
+            step=0.05,
+            key="ics_w_bn_noise_shift_spread",
+            persist_state="session",
+        )
+        c1.number_input(
+            "Scale low",
+            0.0,
+            10.0,
+            step=0.05,
+            key="ics_w_bn_noise_scale_low",
+            persist_state="session",
+        )
+        c2.number_input(
+            "Scale high",
+            0.0,
+            10.0,
+            step=0.05,
+            key="ics_w_bn_noise_scale_high",
+            persist_state="session",
+        )
+        st.number_input(
+            "Scale std",
+            0.0,
+            10.0,
+            step=0.05,
+            key="ics_w_bn_noise_scale_std",
+            persist_state="session",
+        )
 
 if ss.get("ics_message"):
     st.error(ss.ics_message)

@@ -89,7 +89,12 @@ st.caption(
     "drawn dashed next to the measurements."
 )
 section = st.segmented_control(
-    "Experiment", SECTIONS, default=SECTIONS[0], key="ib_section", required=True
+    "Experiment",
+    SECTIONS,
+    default=SECTIONS[0],
+    key="ib_section",
+    persist_state="session",
+    required=True,
 )
 
 # --- stages ----------------------------------------------------------------------------------
@@ -103,7 +108,9 @@ if section == "Stages":
         r"\qquad y_i = \gamma\,\hat x_i + \beta"
     )
     trainer = ss.get("trainer")
-    source = st.radio("Values", [SYNTHETIC, REAL], key="ib_source", horizontal=True)
+    source = st.radio(
+        "Values", [SYNTHETIC, REAL], key="ib_source", persist_state="session", horizontal=True
+    )
     x = None
     if source == REAL and trainer is None:
         st.info(
@@ -115,9 +122,18 @@ if section == "Stages":
         bn_variants = [v.name for v in trainer.config.variants if v.uses_bn]
         layers = list(trainer.model.layer_names)
         c1, c2, c3 = st.columns(3)
-        variant = c1.selectbox("Variant", bn_variants or trainer.variant_names, key="ib_variant")
-        layer = c2.selectbox("Layer", layers, index=len(layers) - 1, key="ib_layer")
-        unit = c3.number_input("Unit", 0, 511, trainer.config.probe_unit, key="ib_unit")
+        variant = c1.selectbox(
+            "Variant",
+            bn_variants or trainer.variant_names,
+            key="ib_variant",
+            persist_state="session",
+        )
+        layer = c2.selectbox(
+            "Layer", layers, index=len(layers) - 1, key="ib_layer", persist_state="session"
+        )
+        unit = c3.number_input(
+            "Unit", 0, 511, trainer.config.probe_unit, key="ib_unit", persist_state="session"
+        )
         try:
             x = layer_batch(trainer, layer, int(unit), variant)
             where = (
@@ -128,9 +144,11 @@ if section == "Stages":
             st.error(f"Could not read that unit: {err}")
     if x is None:
         c1, c2, c3 = st.columns(3)
-        mean = c1.slider("Mean", -10.0, 10.0, 3.0, step=0.5, key="ib_mean")
-        spread = c2.slider("Spread (std)", 0.1, 10.0, 2.0, step=0.1, key="ib_std")
-        n = c3.slider("Batch size n", 2, 256, 32, key="ib_n")
+        mean = c1.slider("Mean", -10.0, 10.0, 3.0, step=0.5, key="ib_mean", persist_state="session")
+        spread = c2.slider(
+            "Spread (std)", 0.1, 10.0, 2.0, step=0.1, key="ib_std", persist_state="session"
+        )
+        n = c3.slider("Batch size n", 2, 256, 32, key="ib_n", persist_state="session")
         x = synthetic_batch(n, mean, spread).numpy()
         where = f"{n} draws from N({mean:g}, {spread:g}²), the same for the same settings"
     st.caption(f"Values: {where}.")
@@ -140,8 +158,17 @@ if section == "Stages":
     gamma_end = nice_ceil(max(3.0, 2.0 * before.std_B, abs(ss.ib_gamma)))
     beta_end = nice_ceil(max(5.0, 2.0 * abs(before.mu_B), abs(ss.ib_beta)))
     g1, g2 = st.columns(2)
-    gamma = g1.slider("γ (scale)", 0.0, gamma_end, step=gamma_end / 500, key="ib_gamma")
-    beta = g2.slider("β (shift)", -beta_end, beta_end, step=beta_end / 500, key="ib_beta")
+    gamma = g1.slider(
+        "γ (scale)", 0.0, gamma_end, step=gamma_end / 500, key="ib_gamma", persist_state="session"
+    )
+    beta = g2.slider(
+        "β (shift)",
+        -beta_end,
+        beta_end,
+        step=beta_end / 500,
+        key="ib_beta",
+        persist_state="session",
+    )
     b1, b2, _ = st.columns([2, 1.2, 2])
     b1.button(
         "Identity: γ = √(σ²_B + ε), β = μ_B",
@@ -206,8 +233,12 @@ elif section == "Train vs eval":
         "on a fixed probe batch of 256."
     )
     c1, c2 = st.columns(2)
-    gap_steps = c1.slider("Batches", 20, 500, 200, step=10, key="ib_gap_steps")
-    gap_batch = c2.select_slider("Batch size", [4, 8, 16, 32, 64, 128], 32, key="ib_gap_batch")
+    gap_steps = c1.slider(
+        "Batches", 20, 500, 200, step=10, key="ib_gap_steps", persist_state="session"
+    )
+    gap_batch = c2.select_slider(
+        "Batch size", [4, 8, 16, 32, 64, 128], 32, key="ib_gap_batch", persist_state="session"
+    )
     gap = gap_run(gap_steps, gap_batch)
     show_chart(charts.train_eval_gap_chart(gap, batch_size=gap_batch), "train_eval_gap", page=PAGE)
     st.markdown(
@@ -231,7 +262,11 @@ elif section == "Momentum conventions":
         "which remembers little more than the last batch."
     )
     m_torch = st.select_slider(
-        "PyTorch momentum m", [0.01, 0.02, 0.05, 0.1, 0.2, 0.3], 0.1, key="ib_m_torch"
+        "PyTorch momentum m",
+        [0.01, 0.02, 0.05, 0.1, 0.2, 0.3],
+        0.1,
+        key="ib_m_torch",
+        persist_state="session",
     )
     means = gap_run(200, 32).batch_means
     conventions = momentum_conventions(means, m_torch=m_torch)
@@ -295,6 +330,7 @@ elif section == "Scale invariance":
         A_CHOICES,
         10.0,
         key="ib_a",
+        persist_state="session",
         format_func=lambda v: f"{v:g}",
     )
     inv = invariance_run()
@@ -348,6 +384,7 @@ elif section == "Placement":
         300,
         step=50,
         key="ib_place_steps",
+        persist_state="session",
         help="About 60 steps a second for both runs on one CPU thread.",
     )
     if c2.button(

@@ -22,6 +22,7 @@ with st.sidebar:
         "Learning rate",
         options=session.lr_choices(ss.w_lr),
         key="w_lr",
+        persist_state="session",
         format_func=lambda v: f"{v:g}",
         on_change=session.on_live,
         args=("lr",),
@@ -33,6 +34,7 @@ with st.sidebar:
         0.99,
         step=0.01,
         key="w_momentum",
+        persist_state="session",
         on_change=session.on_live,
         args=("momentum",),
         help="0 is plain SGD; 0.9 is the usual heavy-ball setting",
@@ -41,6 +43,7 @@ with st.sidebar:
         "BN running-stat momentum",
         options=session.bn_momentum_choices(ss.w_bn_momentum),
         key="w_bn_momentum",
+        persist_state="session",
         format_func=session.format_rate,
         on_change=session.on_live,
         args=("bn_momentum",),
@@ -55,6 +58,7 @@ with st.sidebar:
         presets,
         index=presets.index(ss.preset),
         key="w_preset",
+        persist_state="session",
         format_func=session.preset_label,
         on_change=session.on_preset,
     )
@@ -63,33 +67,53 @@ with st.sidebar:
         "Variants",
         session.variant_options(),
         key="w_variants",
+        persist_state="session",
         help="; ".join(f"{k}: {v}" for k, v in session.VARIANT_HELP.items()),
     )
-    st.selectbox("Data set", list(DATASETS), key="w_dataset")
+    st.selectbox("Data set", list(DATASETS), key="w_dataset", persist_state="session")
     st.caption(DATASETS[ss.w_dataset])
     # Widgets that do not apply are disabled, not hidden: Streamlit forgets the value of
     # a widget that is not drawn, and switching back must find it again.
     toy = ss.w_dataset in ("moons", "circles", "spirals", "blobs")
-    st.slider("Data noise", 0.0, 1.0, step=0.05, key="w_noise", disabled=not toy)
+    st.slider(
+        "Data noise", 0.0, 1.0, step=0.05, key="w_noise", persist_state="session", disabled=not toy
+    )
     c1, c2 = st.columns(2)
-    c1.selectbox("Model", ["mlp", "lenet"], key="w_model", format_func=str.upper)
-    c2.selectbox("Activation", ["sigmoid", "tanh", "relu"], key="w_activation")
+    c1.selectbox(
+        "Model", ["mlp", "lenet"], key="w_model", persist_state="session", format_func=str.upper
+    )
+    c2.selectbox(
+        "Activation", ["sigmoid", "tanh", "relu"], key="w_activation", persist_state="session"
+    )
     mlp = ss.w_model == "mlp"
-    c1.number_input("Hidden layers", 1, 8, key="w_depth", disabled=not mlp)
-    c2.number_input("Units per layer", 4, 512, key="w_width", disabled=not mlp)
-    c1.selectbox("Init", ["gaussian", "xavier", "kaiming"], key="w_init")
+    c1.number_input("Hidden layers", 1, 8, key="w_depth", persist_state="session", disabled=not mlp)
     c2.number_input(
-        "Init std", 0.001, 10.0, key="w_init_std", format="%.3f", disabled=ss.w_init != "gaussian"
+        "Units per layer", 4, 512, key="w_width", persist_state="session", disabled=not mlp
+    )
+    c1.selectbox("Init", ["gaussian", "xavier", "kaiming"], key="w_init", persist_state="session")
+    c2.number_input(
+        "Init std",
+        0.001,
+        10.0,
+        key="w_init_std",
+        persist_state="session",
+        format="%.3f",
+        disabled=ss.w_init != "gaussian",
     )
     c1.selectbox(
-        "BN placement", ["before", "after"], key="w_placement", help=FIELDS["placement"].help
+        "BN placement",
+        ["before", "after"],
+        key="w_placement",
+        persist_state="session",
+        help=FIELDS["placement"].help,
     )
-    c2.number_input("Batch size", 1, 4096, key="w_batch_size")
-    c1.number_input("Seed", 0, 2**31 - 1, key="w_seed")
-    c2.selectbox("Device", ["auto", "cpu", "cuda"], key="w_device")
+    c2.number_input("Batch size", 1, 4096, key="w_batch_size", persist_state="session")
+    c1.number_input("Seed", 0, 2**31 - 1, key="w_seed", persist_state="session")
+    c2.selectbox("Device", ["auto", "cpu", "cuda"], key="w_device", persist_state="session")
     st.checkbox(
         "Keep the linear bias before BN",
         key="w_keep_bias",
+        persist_state="session",
         help="BN's beta makes that bias redundant (it gets zero gradient); keep it to see that",
     )
 
@@ -180,15 +204,23 @@ def live_panel() -> None:
     history = trainer.history
     show_chart(figures.loss_accuracy(history), "loss_accuracy", trainer)
     view = st.segmented_control(
-        "View", list(VIEWS), default="Fig. 1 percentiles", key="w_view", required=True
+        "View",
+        list(VIEWS),
+        default="Fig. 1 percentiles",
+        key="w_view",
+        persist_state="session",
+        required=True,
     )
     layers = history.layers() or trainer.model.layer_names
     if view == "Fig. 1 percentiles":
         c1, c2 = st.columns([2, 1])
-        layer = c1.selectbox("Layer", layers, index=len(layers) - 1, key="w_fig1_layer")
+        layer = c1.selectbox(
+            "Layer", layers, index=len(layers) - 1, key="w_fig1_layer", persist_state="session"
+        )
         unit = c2.toggle(
             f"One unit (#{trainer.config.probe_unit})",
             key="w_fig1_unit",
+            persist_state="session",
             help="As in the paper: follow one sigmoid's input instead of the whole layer",
         )
         fig = figures.percentile_bands(history, layer=layer, unit=unit)
@@ -196,10 +228,19 @@ def live_panel() -> None:
     elif view == "Distributions":
         show_chart(figures.preact_heatmaps(history), "preact_heatmaps", trainer)
         c1, c2, c3 = st.columns([1, 1, 2])
-        layer = c1.selectbox("Layer", layers, index=len(layers) - 1, key="w_hist_layer")
-        follow = c2.toggle("Latest step", value=True, key="w_hist_follow")
+        layer = c1.selectbox(
+            "Layer", layers, index=len(layers) - 1, key="w_hist_layer", persist_state="session"
+        )
+        follow = c2.toggle("Latest step", value=True, key="w_hist_follow", persist_state="session")
         # A fixed range keeps the scrubber still while the run grows under it.
-        step = c3.slider("Step", 0, trainer.config.steps, key="w_hist_step", disabled=follow)
+        step = c3.slider(
+            "Step",
+            0,
+            trainer.config.steps,
+            key="w_hist_step",
+            persist_state="session",
+            disabled=follow,
+        )
         if follow:
             step = history.last_step() or 0
         fig = figures.histogram_overlay(history, layer=layer, step=step)

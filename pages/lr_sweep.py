@@ -54,10 +54,15 @@ low, high = c1.select_slider(
     value=(0.01, 10.0),
     format_func=lambda v: f"{v:g}",
     key="sweep_w_range",
+    persist_state="session",
 )
-count = c2.number_input("Rates", 2, MAX_RATES, 6, key="sweep_w_count", help="log-spaced")
-steps = c3.number_input("Steps each", 50, 20_000, 1000, step=250, key="sweep_w_steps")
-seed = c4.number_input("Seed", 0, 2**31 - 1, 0, key="sweep_w_seed")
+count = c2.number_input(
+    "Rates", 2, MAX_RATES, 6, key="sweep_w_count", persist_state="session", help="log-spaced"
+)
+steps = c3.number_input(
+    "Steps each", 50, 20_000, 1000, step=250, key="sweep_w_steps", persist_state="session"
+)
+seed = c4.number_input("Seed", 0, 2**31 - 1, 0, key="sweep_w_seed", persist_state="session")
 
 
 def start() -> None:
@@ -120,7 +125,7 @@ def sweep_panel() -> None:
     row = st.container(horizontal=True, gap="medium")
     for label, span in result.usable.items():
         if span is None:
-            text = "none yet"
+            text = "none" if sweep.finished else "none yet"
         elif span[0] == span[1]:
             text = f"{span[0]:g} only"
         else:

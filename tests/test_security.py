@@ -92,8 +92,8 @@ def test_export_file_names_keep_only_safe_characters(hostile):
 @pytest.fixture(scope="module")
 def local_server(artifacts_dir):
     """The server as `scripts/run.sh` starts it: the address comes from config.toml."""
-    with streamlit_server(artifacts_dir / "streamlit_server_security.log", address=None) as url:
-        yield url
+    with streamlit_server(artifacts_dir / "streamlit_server_security.log", address=None) as server:
+        yield server.url
 
 
 def _this_machines_other_addresses() -> list[str]:

@@ -52,7 +52,9 @@ def export_panel(trainer: Trainer) -> None:
         )
         keys = {s: export.SPEC_TITLES[s] for s in export.SPEC_TITLES}
         c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
-        key = c1.selectbox("Chart", list(keys), format_func=keys.get, key="w_export_chart")
+        key = c1.selectbox(
+            "Chart", list(keys), format_func=keys.get, key="w_export_chart", persist_state="session"
+        )
         if c2.button("Prepare files", icon=":material/image:", width="stretch"):
             _prepare_chart(trainer, key)
         prepared = ss.get("export_chart")
@@ -100,7 +102,7 @@ def page_export_panel(page: str) -> None:
             st.info(f"{why} HTML and CSV still export.")
         st.caption("The charts as this page shows them now, in the print theme.")
         c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
-        key = c1.selectbox("Chart", list(shown), key=f"w_export_{page}")
+        key = c1.selectbox("Chart", list(shown), key=f"w_export_{page}", persist_state="session")
         if c2.button("Prepare files", icon=":material/image:", key=f"prep_{page}"):
             fig, caption = shown[key]
             spec = export.spec_from_figure(page, key, fig, caption)
