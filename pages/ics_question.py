@@ -165,8 +165,9 @@ with st.sidebar:
             persist_state="session",
         )
 
+message = st.empty()  # always drawn, so the live panel below never changes its place
 if ss.get("ics_message"):
-    st.error(ss.ics_message)
+    message.error(ss.ics_message)
     ss.ics_message = None
 
 trainer: Trainer = ss.ics_trainer

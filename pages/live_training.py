@@ -146,10 +146,11 @@ st.caption(
 session.show_message()
 
 wanted, differs, problem = session.pending_changes()
+notice = st.empty()  # always drawn, so the live panel below never changes its place
 if problem:
-    st.error(f"The set-up in the sidebar is not valid: {problem}")
+    notice.error(f"The set-up in the sidebar is not valid: {problem}")
 elif differs:
-    st.warning(
+    notice.warning(
         "Set-up changed ("
         + ", ".join(f"{session.FIELD_LABELS.get(f, f)} ({f})" for f in differs)
         + "). Press **Reset** to start a run with it; "

@@ -95,8 +95,9 @@ b2.button(
     width="stretch",
     disabled=not ss.sweep_running,
 )
+message = st.empty()  # always drawn, so the live panel below never changes its place
 if ss.get("sweep_message"):
-    st.error(ss.sweep_message)
+    message.error(ss.sweep_message)
     ss.sweep_message = None
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.serve import streamlit_server
+
 ROOT = Path(__file__).resolve().parent.parent
 LONG_RUN_STEPS = int(os.environ.get("BN_LAB_LONG_RUN_STEPS", "1000000"))
 _long_run_key = pytest.StashKey[tuple[subprocess.Popen, Path, int]]()
@@ -76,3 +78,36 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --- the real app, for the browser tests -----------------------------------------------------
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def server(request, artifacts_dir) -> str:
+    """`streamlit run app.py` on a free loopback port, one per test module (so it stops
+    when the module is done); the log goes to artifacts/streamlit_<module>.log."""
+    log = artifacts_dir / f"streamlit_{Path(request.module.__file__).stem}.log"
+    with streamlit_server(log) as running:
+        yield running.url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium: Debian's, since Playwright's own download is not available."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    with sync_api.sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()

@@ -1,20 +1,14 @@
 """The Santurkar et al. pages in the real app: a Streamlit server and headless Chromium.
 
 Opens "Does BN reduce ICS?" from the sidebar, plays it until the ICS chart has data, and
-runs a short learning-rate sweep to the end; screenshots go to artifacts/. The server
-fixture is a copy of the one in tests/test_browser.py (test modules are not imported from
-each other); it is module-scoped so it stops when this file is done.
+runs a short learning-rate sweep to the end; screenshots go to artifacts/. The server and
+browser fixtures come from tests/conftest.py.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,15 +17,6 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 ICS_STATUS_RE = re.compile(r"^step ([\d,]+) ·")
 SWEEP_STATUS_RE = re.compile(r"^Sweep (running|stopped|finished): ([\d,]+) of ([\d,]+) ")
 PLAY, PAUSE = re.compile(r"\bPlay$"), re.compile(r"\bPause$")
@@ -68,73 +53,6 @@ SETTLED_JS = f"""(count) => {{
         && sidebar.getAnimations({{subtree: true}}).length === 0;
 }}"""
 NEXT_FRAME_JS = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/_stcore/health", timeout=5) as response:
-            return response.read().decode().strip() == "ok"
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def server(app_path, artifacts_dir):
-    """`streamlit run app.py` on a free port; its log goes to artifacts/."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(app_path),
-        "--server.headless",
-        "true",
-        "--server.port",
-        str(port),
-        "--server.address",
-        "127.0.0.1",
-        "--browser.gatherUsageStats",
-        "false",
-    ]
-    env = {**os.environ, "BN_LAB_THREADS": "1"}
-    with open(artifacts_dir / "streamlit_server_santurkar.log", "w") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=app_path.parent, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while not _healthy(url):
-                assert proc.poll() is None, (
-                    "streamlit exited; see artifacts/streamlit_server_santurkar.log"
-                )
-                assert time.monotonic() < deadline, "streamlit not healthy within 60 s"
-                time.sleep(0.25)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -234,10 +234,13 @@ def step_once(at_step: int) -> None:
 
 
 def show_message() -> None:
+    """The pending message, once. The slot is drawn even when empty, so the elements
+    below keep their places from run to run (a live fragment's place must not move)."""
     ss = st.session_state
+    slot = st.empty()
     if ss.get("message"):
         kind, text = ss.message
-        getattr(st, kind)(text)
+        getattr(slot, kind)(text)
         ss.message = None
 
 
