@@ -1133,9 +1133,9 @@ def ics_cos(history: History, *, theme: str = "screen") -> go.Figure:
 
 
 _LANDSCAPE_PANELS = (
-    ("landscape_loss_min", "landscape_loss_max", "loss L(W − ηg)", True),
-    ("landscape_grad_diff_min", "landscape_grad_diff_max", "‖∇L(W − ηg) − ∇L(W)‖", True),
-    ("landscape_beta", None, "effective β-smoothness", True),
+    ("landscape_loss_min", "landscape_loss_max", "L(W − ηg)", True),
+    ("landscape_grad_diff_min", "landscape_grad_diff_max", "‖∇L(W−ηg) − ∇L(W)‖", True),
+    ("landscape_beta", None, "β", False),  # spans little: a linear axis reads better
 )
 
 
@@ -1143,13 +1143,25 @@ def landscape(history: History, *, theme: str = "screen") -> go.Figure:
     """Loss variation, gradient predictiveness (bands, min to max over the step sizes)
     and effective beta-smoothness over training, a color per variant."""
     _check_theme(theme)
-    canvas = _Canvas(
-        1,
-        3,
-        column_titles=("Loss variation", "Gradient predictiveness", "β-smoothness"),
-        horizontal_spacing=0.07,
-    )
-    panels = [canvas.panel(1, c) for c in (1, 2, 3)]
+    # Stacked, not side by side: three panels in a row leave no room for their titles
+    # and y axes on a phone, and the shared step axis lines the three measures up.
+    canvas = _Canvas(3, 1, shared_x=True, vertical_spacing=_gap(60, 3))
+    panels = [canvas.panel(r, 1) for r in (1, 2, 3)]
+    titles = ("Loss variation", "Gradient predictiveness", "Effective β-smoothness")
+    for title, panel in zip(titles, panels, strict=True):
+        canvas.layout["annotations"].append(
+            {
+                "name": "subplot_title",
+                "text": title,
+                "xref": panel.x + " domain",
+                "yref": panel.y + " domain",
+                "x": 0.5,
+                "y": 1,
+                "xanchor": "center",
+                "yanchor": "bottom",
+                "showarrow": False,
+            }
+        )
     seen: list[list[np.ndarray]] = [[], [], []]
     for i, variant in enumerate(history.variants()):
         color = variant_color(variant, i)
@@ -1176,7 +1188,7 @@ def landscape(history: History, *, theme: str = "screen") -> go.Figure:
     for k, ((*_, label, log_y), panel) in enumerate(zip(_LANDSCAPE_PANELS, panels, strict=True)):
         canvas.axis(
             panel,
-            x_title=STEP_AXIS,
+            x_title=STEP_AXIS if k == 2 else None,
             y_title=label + (" (log)" if log_y else ""),
             y=_log_axis(seen[k]) if log_y else None,
         )
