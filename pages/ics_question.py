@@ -244,5 +244,8 @@ def ics_panel() -> None:
     )
 
 
-ics_panel()
+# In a container of its own: the panel's element count changes between its reruns, and
+# the elements after it must not move (or a stale copy of them lingers on screen).
+with st.container():
+    ics_panel()
 page_export_panel(PAGE)

@@ -258,5 +258,8 @@ def live_panel() -> None:
         show_chart(figures.update_ratio(history), "update_ratio", trainer)
 
 
-live_panel()
+# In a container of its own: the panel's element count changes between its reruns, and
+# the elements after it must not move (or a stale copy of them lingers on screen).
+with st.container():
+    live_panel()
 export_panel(ss.trainer)

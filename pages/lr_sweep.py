@@ -153,5 +153,8 @@ def sweep_panel() -> None:
     )
 
 
-sweep_panel()
+# In a container of its own: the panel's element count changes between its reruns, and
+# the elements after it must not move (or a stale copy of them lingers on screen).
+with st.container():
+    sweep_panel()
 page_export_panel(PAGE)

@@ -13,10 +13,15 @@ from bn_core.train import Trainer
 
 
 def chart_filename(page: str, chart: str, trainer: Trainer | None) -> str:
-    """A file name that says what the figure is: page, chart, and the run's variants and step."""
+    """A file name that says what the figure is: page, chart, and the run's variants.
+
+    Not the step: the chart's config must stay the same from tick to tick, or the
+    browser builds the chart anew at every redraw instead of updating it (the export
+    panel's files do name the step).
+    """
     name = f"bnlab_{page}_{chart}"
     if trainer is not None:
-        name += f"_{'-vs-'.join(trainer.variant_names)}_step{trainer.step}"
+        name += f"_{'-vs-'.join(trainer.variant_names)}"
     return re.sub(r"[^A-Za-z0-9_.\-]+", "-", name)
 
 
