@@ -20,10 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.serve import ROOT, streamlit_server  # noqa: E402
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+from bench.serve import CHROMIUM, CHROMIUM_ARGS, ROOT, streamlit_server  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -39,7 +36,7 @@ def measure(minutes: float, every: float, warmup: float, log_path: Path) -> dict
 
     samples = []
     with streamlit_server(log_path) as server, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
         page.set_default_timeout(120_000)
         cdp = page.context.new_cdp_session(page)

@@ -542,11 +542,13 @@ def sweep_8(config: Config) -> dict:
     (trainer,) = sweep.trainers
     # The sweep page's cadences, but a run that never finishes during the benchmark.
     eight = trainer.config.replace(steps=10_000_000)
-    one = eight.replace(variants=[eight.to_dict()["variants"][-1]])  # batchnorm at lr 10
+    one = eight.replace(variants=[eight.to_dict()["variants"][-2]])  # batchnorm at lr 1
     ours, ref = Trainer(eight, trainer.dataset), Trainer(one, trainer.dataset)
     chunk = 100
     rounds = config.pick(9, 31)
     timing = interleaved(_advance(ours, chunk), _advance(ref, chunk), rounds, 1, 2)
+    # A reference that diverged would stop training and time nothing.
+    assert not ref.finished and not ours.finished, "a sweep_8 side stopped early"
     return {
         "ours_s": timing.ours_s / chunk,
         "reference_s": timing.reference_s / chunk,

@@ -22,10 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.serve import ROOT, healthy, streamlit_server  # noqa: E402
+from bench.serve import CHROMIUM, CHROMIUM_ARGS, ROOT, healthy, streamlit_server  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 STATUS_RE = re.compile(r"^step ([\d,]+) · .* · (cpu|cuda|mps) · (.*)$")
 LR_CHOICES = (0.1, 0.2, 0.5, 1.0, 2.0)
 
@@ -65,7 +63,7 @@ def run_sessions(sessions: int, seconds: float, log_path: Path) -> dict:
         poller = threading.Thread(target=poll_health, daemon=True)
         poller.start()
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             pages, mine = [], []
             for i in range(sessions):
                 page = browser.new_context(viewport={"width": 1200, "height": 900}).new_page()

@@ -370,7 +370,8 @@ class NoisyBatchNorm(BatchNorm):
 
     Santurkar et al. inject this noise to make the distributions *less* stable than in a
     plain net, and find that such a net still trains about as well as BN: evidence that
-    BN's benefit is not stable distributions. Evaluation mode adds no noise (as dropout).
+    BN's benefit is not stable distributions. Evaluation mode draws no noise and applies
+    its expectation instead (scale (low + high) / 2, shift 0), as inverted dropout does.
     The noise has its own seeded generator, so a run stays reproducible and a measurement
     can replay a step's noise exactly (``noise_state`` / ``set_noise_state``).
     """
@@ -391,25 +392,36 @@ class NoisyBatchNorm(BatchNorm):
         self.noise = noise or NoiseSettings()
         self.seed = seed
         self._generator: torch.Generator | None = None
+        self._pending: torch.Tensor | None = None  # a state set before the first draw
 
     def generator(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
+            # Created lazily on the input's device, from the seed or a state set earlier.
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
+            if self._pending is not None:
+                self._generator.set_state(self._pending)
+                self._pending = None
         return self._generator
 
     def noise_state(self) -> torch.Tensor | None:
-        return None if self._generator is None else self._generator.get_state()
+        if self._generator is None:
+            return self._pending
+        return self._generator.get_state()
 
     def set_noise_state(self, state: torch.Tensor | None) -> None:
         if state is None:
-            self._generator = None
+            self._generator = self._pending = None
         elif self._generator is not None:
             self._generator.set_state(state)
+        else:
+            self._pending = state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
         if not self.training:
-            return y
+            # The noise's expectation, as inverted dropout keeps it: E[m] = 0 (mu_t is
+            # symmetric about 0) and E[s] = (low + high) / 2.
+            return y * ((self.noise.scale_low + self.noise.scale_high) / 2)
         draw = draw_bn_noise(tuple(y.shape), self.groups, self.noise, self.generator(y.device))
         return torch.addcmul(draw.shift.to(y.dtype), y, draw.scale.to(y.dtype))
 

@@ -305,7 +305,7 @@ class LockstepMLP(nn.Module):
 def _extract_bn(norm: _NormGroups, variant: int) -> nn.Module | None:
     for index, kind, bn in zip(norm.group_index, norm.kinds, norm.groups, strict=True):
         if variant in index:
-            single = make_norm(kind, norm.width, 1, bn.momentum)
+            single = make_norm(kind, norm.width, 1, bn.momentum, noise=getattr(bn, "noise", None))
             single = single.to(bn.weight.device, bn.weight.dtype)
             k = index.index(variant)
             sl = slice(k * norm.width, (k + 1) * norm.width)

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bn_core.batchnorm import noise_states, set_noise_states
+from bn_core.batchnorm import noise_states
 from bn_core.config import FIELDS, LIVE_FIELDS, ConfigError, RunConfig
 from bn_core.data import Dataset, load_dataset
-from bn_core.experiments.ics import measure_ics
+from bn_core.experiments.ics import measure_ics, preserved_state
 from bn_core.experiments.landscape import LANDSCAPE_METRICS, eta_grid, probe_landscape
 from bn_core.history import Event, History
 from bn_core.models import LayerRecord, build_model, variant_losses
@@ -399,9 +399,8 @@ class Trainer:
         BN buffers are restored so the measurement leaves training untouched.
         """
         cfg = self.config
-        saved = self._snapshot_buffers()
-        _, records = self.model(self.x_probe, record=True)
-        self._restore_buffers(saved)
+        with preserved_state(self.model, []):
+            _, records = self.model(self.x_probe, record=True)
         if not running:
             return
         R = len(running)
@@ -485,7 +484,16 @@ class Trainer:
         cfg, opt = self.config, self.optimizer
         etas = eta_grid(cfg.landscape_low, cfg.landscape_high, cfg.landscape_points)
         probe = probe_landscape(
-            self.model, variant_losses, x, y, opt.params, opt.owner, opt.lr_of, etas, noise
+            self.model,
+            variant_losses,
+            x,
+            y,
+            opt.params,
+            opt.owner,
+            opt.lr_of,
+            etas,
+            noise,
+            variants=len(self.variant_names),
         )
         summary = probe.summary()
         for v in running:
@@ -493,16 +501,6 @@ class Trainer:
                 ("", m, float(val)) for m, val in zip(LANDSCAPE_METRICS, summary[v], strict=True)
             ]
             self.history.add_many(self.step, self.variant_names[v], rows)
-
-    def _snapshot_buffers(self) -> tuple[list[torch.Tensor], list]:
-        # Noisy BN draws noise in a measurement pass too: keep its generators' states.
-        return [b.clone() for b in self.model.buffers()], noise_states(self.model)
-
-    def _restore_buffers(self, saved: tuple[list[torch.Tensor], list]) -> None:
-        buffers, noise = saved
-        for b, s in zip(self.model.buffers(), buffers, strict=True):
-            b.copy_(s)
-        set_noise_states(self.model, noise)
 
     @torch.no_grad()
     def _evaluate(self) -> None:
@@ -539,10 +537,9 @@ class Trainer:
         The reference statistic is each BN input's mean and (unbiased) variance over up to
         1,024 training examples in one train-mode pass: what the running averages estimate.
         """
-        saved = self._snapshot_buffers()
         self.model.train()
-        _, records = self.model(self.x_stats, record=True)
-        self._restore_buffers(saved)
+        with preserved_state(self.model, []):
+            _, records = self.model(self.x_stats, record=True)
         out: dict[int, list] = {}
         for v in running:
             stats = self.model.bn_running_stats(v)

@@ -83,7 +83,7 @@ with c2.container(border=True):
 with st.sidebar:
     st.subheader("This experiment")
     st.caption(
-        f"The **{PRESET}** preset: {base.depth} × {base.width} sigmoid MLP on "
+        f"The **{PRESET}** preset: {base.depth} × {base.width} {base.activation} MLP on "
         f"{base.dataset}, lr {base.lr:g}, batch {base.batch_size}; variants "
         + ", ".join(v.name for v in base.variants)
         + ". Changes here take effect on **Restart**."
@@ -106,8 +106,8 @@ with st.sidebar:
         1000,
         key="ics_w_landscape_every",
         persist_state="session",
-        help=f"0 switches it off. Each probe takes {base.landscape_points} extra "
-        "forward and backward passes.",
+        help="0 switches it off. Each probe takes one extra forward and backward pass per "
+        "step size (Points, under Probe step sizes).",
     )
     st.number_input("Seed", 0, 2**31 - 1, key="ics_w_seed", persist_state="session")
     with st.expander("Probe step sizes"):

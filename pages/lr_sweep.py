@@ -43,12 +43,13 @@ st.caption(
 )
 base = load_preset(PRESET)
 st.markdown(
-    f"The **{PRESET}** net: {base.depth} × {base.width} sigmoid MLP on {base.dataset}, batch "
-    f"{base.batch_size}, plain SGD. Each learning rate trains a plain and a batchnorm copy."
+    f"The **{PRESET}** net: {base.depth} × {base.width} {base.activation} MLP on "
+    f"{base.dataset}, batch {base.batch_size}, {base.optimizer.upper()} with momentum "
+    f"{base.momentum:g}. Each learning rate trains a plain and a batchnorm copy."
 )
 
 c1, c2, c3, c4 = st.columns([2, 1, 1, 1], vertical_alignment="bottom")
-low, high = c1.select_slider(
+c1.select_slider(
     "Learning rates from / to",
     options=LR_CHOICES,
     value=(0.01, 10.0),
@@ -56,19 +57,22 @@ low, high = c1.select_slider(
     key="sweep_w_range",
     persist_state="session",
 )
-count = c2.number_input(
+c2.number_input(
     "Rates", 2, MAX_RATES, 6, key="sweep_w_count", persist_state="session", help="log-spaced"
 )
-steps = c3.number_input(
+c3.number_input(
     "Steps each", 50, 20_000, 1000, step=250, key="sweep_w_steps", persist_state="session"
 )
-seed = c4.number_input("Seed", 0, 2**31 - 1, 0, key="sweep_w_seed", persist_state="session")
+c4.number_input("Seed", 0, 2**31 - 1, 0, key="sweep_w_seed", persist_state="session")
 
 
 def start() -> None:
+    # A callback runs before the script: read the widgets' values from the session.
     try:
-        rates = lr_grid(low, high, int(count))
-        ss.sweep = LrSweep(base.replace(seed=int(seed)), rates, steps=int(steps))
+        low, high = ss.sweep_w_range
+        rates = lr_grid(low, high, int(ss.sweep_w_count))
+        config = base.replace(seed=int(ss.sweep_w_seed))
+        ss.sweep = LrSweep(config, rates, steps=int(ss.sweep_w_steps))
     except ConfigError as err:
         ss.sweep_message = f"The sweep did not start; the last one is kept. {err}"
         return

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.serve import streamlit_server
+from bench.serve import CHROMIUM, CHROMIUM_ARGS, streamlit_server
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG_RUN_STEPS = int(os.environ.get("BN_LAB_LONG_RUN_STEPS", "1000000"))
 _long_run_key = pytest.StashKey[tuple[subprocess.Popen, Path, int]]()
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection
 def pytest_collection_modifyitems(session, config, items):
     """Start the long headless run (tests/test_long_run.py) in the background right away.
 
@@ -25,7 +26,7 @@ def pytest_collection_modifyitems(session, config, items):
     result are moved to the end.
     """
     waiting = [item for item in items if item.get_closest_marker("long_run")]
-    if not waiting:
+    if not waiting or config.option.collectonly:
         return
     items[:] = [item for item in items if item not in waiting] + waiting
     out = ROOT / "artifacts" / "long_run.json"
@@ -81,15 +82,6 @@ def one_torch_thread():
 
 
 # --- the real app, for the browser tests -----------------------------------------------------
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Faults the product must survive with nothing lost: a diverging variant, no Chromium for
 static export, MNIST offline, and (in test_app.py) a cuda device on a machine without one.
 
-Pause latency and Reset during a tick need a real browser: tests/test_browser_faults.py.
+Pause latency and Reset during a tick need a real browser: tests/test_browser.py.
 """
 
 from __future__ import annotations

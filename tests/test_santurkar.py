@@ -306,7 +306,9 @@ def test_noisy_bn_is_bn_then_the_drawn_scale_and_shift():
     torch.testing.assert_close(y, draw.scale * plain(x) + draw.shift)
     torch.testing.assert_close(noisy.running_mean, plain.running_mean)
     noisy.eval(), plain.eval()
-    torch.testing.assert_close(noisy(x), plain(x))  # no noise at evaluation
+    # No draw at evaluation: the noise's expectation, E[s] = 1.125 and E[m] = 0.
+    torch.testing.assert_close(noisy(x), plain(x) * 1.125)
+    torch.testing.assert_close(noisy(x), noisy(x))
 
 
 def test_noisy_bn_gradient_passes_gradcheck():
@@ -410,6 +412,8 @@ def test_lr_grid_and_its_errors():
         lr_grid(2, 1, 3)
     with pytest.raises(ConfigError, match="lr_high = nan"):
         lr_grid(0.1, float("nan"), 3)
+    with pytest.raises(ConfigError, match=r"lr_high = 0.5: allowed: above lr_low \(0.5\)"):
+        lr_grid(0.5, 0.5, 3)
 
 
 def test_sweep_splits_into_lockstep_runs_of_at_most_8(digits):
@@ -442,7 +446,7 @@ def test_usable_ranges_follow_the_rule():
         point("none", 0.01, 0.50),
         point("none", 0.1, 0.93),
         point("none", 1.0, 0.96),
-        point("none", 10.0, 0.97, diverged=40),  # diverged: never usable
+        point("none", 10.0, 0.99, diverged=40),  # diverged: never usable, never the bar
         point("batchnorm", 0.01, 0.92),
         point("batchnorm", 0.1, 0.97),
         point("batchnorm", 1.0, 0.95),
@@ -451,3 +455,39 @@ def test_usable_ranges_follow_the_rule():
     # best 0.97 (batchnorm at 0.1): usable means >= 0.92
     assert usable_ranges(points) == {"plain": (0.1, 1.0), "batchnorm": (0.01, 10.0)}
     assert usable_ranges([point("none", 0.1, 0.2, diverged=3)]) == {"plain": None}
+
+
+def test_a_sweep_run_that_diverged_entirely_counts_as_done(digits):
+    base = load_preset("ioffe-fig1").replace(
+        width=16, depth=2, activation="relu", init_std=1.0, momentum=0.9, probe_size=50
+    )
+    sweep = LrSweep(base, [10.0], norms=("none",), steps=200, dataset=digits)
+    while not sweep.finished:
+        sweep.advance(1.0)
+    (trainer,) = sweep.trainers
+    assert trainer.status[0].state == "diverged" and trainer.step < 200
+    assert sweep.steps_done == sweep.steps_total == 200 and sweep.progress == 1
+
+
+def test_a_noise_state_set_before_the_first_draw_is_kept():
+    layer = NoisyBatchNorm(3, seed=5).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    layer(x)
+    state = layer.noise_state()
+    expected = layer(x)
+    fresh = NoisyBatchNorm(3, seed=99).double()
+    fresh.set_noise_state(state)  # no generator yet: kept until the first draw
+    assert torch.equal(fresh.noise_state(), state)
+    torch.testing.assert_close(fresh(x), expected)
+
+
+def test_viewing_a_layer_of_a_noisy_run_leaves_the_run_unchanged(digits):
+    from bn_core.experiments.inside import layer_batch
+
+    cfg = load_preset("noisy-bn").replace(width=16, probe_size=50)
+    trainer = Trainer(cfg, digits)
+    trainer.advance(steps=3)
+    before = [t.clone() for t in run_state(trainer)]
+    layer_batch(trainer, layer="layer2", unit=0, variant="batchnorm-noisy")
+    for a, b in zip(before, run_state(trainer), strict=True):
+        assert torch.equal(a, b)

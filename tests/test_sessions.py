@@ -6,17 +6,16 @@ its numbers go in the release notes rather than in CI, where the machine is shar
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from bench.sessions import CHROMIUM, run_sessions
+from bench.serve import CHROMIUM
+from bench.sessions import run_sessions
 
 pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.browser
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM}")
 def test_two_sessions_train_independently_and_the_server_stays_up(artifacts_dir):
     result = run_sessions(2, 10.0, artifacts_dir / "streamlit_sessions_2.log")
     print("\n2 sessions:", {k: v for k, v in result.items() if k != "per_session"})
@@ -25,6 +24,4 @@ def test_two_sessions_train_independently_and_the_server_stays_up(artifacts_dir)
     first, second = result["per_session"]
     assert first["variants"] == ["plain", "s0"] and second["variants"] == ["plain", "s1"]
     assert first["steps"] > 0 and second["steps"] > 0
-    assert result["total_steps_per_s"] == pytest.approx(
-        first["steps_per_s"] + second["steps_per_s"], abs=0.2
-    )
+    assert first["steps_per_s"] > 0 and second["steps_per_s"] > 0

@@ -17,6 +17,7 @@ import torch
 from bn_core.batchnorm import BatchNorm, batch_norm_train
 from bn_core.config import RunConfig, load_preset
 from bn_core.data import Dataset, load_dataset
+from bn_core.experiments.ics import preserved_state
 from bn_core.history import History
 from bn_core.train import Trainer
 
@@ -133,16 +134,14 @@ def layer_batch(trainer: Trainer, layer: str, unit: int, variant: str | None = N
         raise ValueError(f"variant = {variant!r}: allowed: " + ", ".join(names))
     if layer not in model.layer_names:
         raise ValueError(f"layer = {layer!r}: allowed: " + ", ".join(model.layer_names))
-    saved = [b.clone() for b in model.buffers()]
     was_training = model.training
     try:
         model.train()
-        with torch.no_grad():
+        # Buffers and noisy BN's generators come back as they were: viewing a layer
+        # never changes the run.
+        with torch.no_grad(), preserved_state(model, []):
             _, records = model(trainer.x_probe, record=True)
     finally:
-        with torch.no_grad():
-            for buffer, value in zip(model.buffers(), saved, strict=True):
-                buffer.copy_(value)
         model.train(was_training)
     record = records[list(model.layer_names).index(layer)]
     values = record.bn_input[names.index(variant)]  # (N, C[, H, W])

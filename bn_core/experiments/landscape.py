@@ -94,6 +94,7 @@ def probe_landscape(
     lrs: Sequence[torch.Tensor],
     etas: np.ndarray,
     noise: list | None = None,
+    variants: int | None = None,
 ) -> LandscapeProbe:
     """Probe along -g, where g is each parameter's ``.grad`` (the step's gradient).
 
@@ -102,7 +103,8 @@ def probe_landscape(
     variant steps by eta times its own learning rate. ``noise`` replays the step's noise.
     """
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    V = int(max(int(o.max()) for o in owners)) + 1
+    # The caller knows the count; finding it here costs a device sync per parameter.
+    V = variants if variants is not None else int(max(int(o.max()) for o in owners)) + 1
     g_norm = per_variant_sq_norm(grads, owners, V).sqrt()
     lr_of_variant = torch.zeros(V, dtype=torch.float64)
     for owner, lr in zip(owners, lrs, strict=True):

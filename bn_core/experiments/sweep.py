@@ -37,6 +37,10 @@ def lr_grid(low: float, high: float, count: int) -> list[float]:
             raise ConfigError(name, value, "allowed: a number in [1e-05, 10]")
     if low > high:
         raise ConfigError("lr_low", low, f"allowed: at most lr_high ({high:g})")
+    if count > 1 and low == high:
+        raise ConfigError(
+            "lr_high", high, f"allowed: above lr_low ({low:g}) for {count} rates, or 1 rate"
+        )
     if count == 1:
         return [float(f"{low:.3g}")]
     return [float(f"{v:.3g}") for v in np.geomspace(low, high, count)]
@@ -123,7 +127,8 @@ class LrSweep:
 
     @property
     def steps_done(self) -> int:
-        return sum(t.step for t in self.trainers)
+        # A run whose variants all diverged is done before its last step.
+        return sum(t.config.steps if t.finished else t.step for t in self.trainers)
 
     @property
     def steps_total(self) -> int:
@@ -172,7 +177,11 @@ def _last(history, variant: str, metric: str) -> float:
 def usable_ranges(points: list[SweepPoint]) -> dict[str, tuple[float, float] | None]:
     """Per variant, the lowest and highest learning rate that did not diverge and ends
     within ``USABLE_WITHIN`` accuracy of the sweep's best run."""
-    finite = [p.test_accuracy for p in points if math.isfinite(p.test_accuracy)]
+    # Only runs that did not diverge set the bar: a diverged run's last accuracy is from
+    # before it blew up.
+    finite = [
+        p.test_accuracy for p in points if p.diverged_at is None and math.isfinite(p.test_accuracy)
+    ]
     best = max(finite, default=math.nan)
     out: dict[str, tuple[float, float] | None] = {}
     for label in dict.fromkeys(p.label for p in points):
