@@ -41,6 +41,17 @@ def healthy(url: str, timeout: float = 5) -> bool:
         return False
 
 
+def inotify_watches(pid: int) -> int:
+    """How many file-system watches the process holds (Linux; 0 where /proc has none)."""
+    count = 0
+    for info in Path(f"/proc/{pid}/fdinfo").glob("*"):
+        try:
+            count += sum(line.startswith("inotify wd:") for line in info.read_text().splitlines())
+        except OSError:
+            continue  # the descriptor closed while we looked
+    return count
+
+
 @dataclass(frozen=True)
 class Server:
     url: str

@@ -6,6 +6,7 @@ from bn_core import figures
 from bn_core.config import ConfigError, load_preset
 from bn_core.experiments.ics import claims_summary
 from bn_core.train import Trainer
+from ui import load
 from ui.charts import show_chart
 from ui.export_panel import page_export_panel
 
@@ -189,7 +190,7 @@ b2.button("Restart", on_click=new_run, icon=":material/restart_alt:", width="str
 def ics_panel() -> None:
     trainer: Trainer = ss.ics_trainer
     if ss.ics_playing:
-        trainer.advance(seconds=TRAIN_SECONDS)
+        trainer.advance(seconds=load.training_seconds(TRAIN_SECONDS))
         if trainer.finished:
             ss.ics_playing = False
             st.rerun()

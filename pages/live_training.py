@@ -5,12 +5,12 @@ import streamlit as st
 from bn_core import figures
 from bn_core.config import FIELDS
 from bn_core.data import DATASETS
-from ui import session
+from ui import load, session
 from ui.charts import show_chart
 from ui.export_panel import export_panel
 
 TICK_SECONDS = 0.25  # one redraw per tick: at least 4 per second
-TRAIN_SECONDS = 0.12  # training time per tick, leaving the rest of the tick for drawing
+TRAIN_SECONDS = 0.12  # training per tick (alone on the server), leaving the rest for drawing
 
 ss = session.state()
 
@@ -196,7 +196,7 @@ VIEWS = {
 def live_panel() -> None:
     trainer = ss.trainer
     if ss.playing:
-        trainer.advance(seconds=TRAIN_SECONDS)
+        trainer.advance(seconds=load.training_seconds(TRAIN_SECONDS))
         if trainer.finished:
             ss.playing = False
             st.rerun()  # the whole page, so the Play button shows the finished state

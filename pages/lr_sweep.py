@@ -6,6 +6,7 @@ import streamlit as st
 from bn_core.config import ConfigError, load_preset
 from bn_core.experiments import charts
 from bn_core.experiments.sweep import MAX_RATES, LrSweep, lr_grid
+from ui import load
 from ui.charts import show_chart
 from ui.export_panel import page_export_panel
 
@@ -115,7 +116,7 @@ def sweep_panel() -> None:
         )
         return
     if ss.sweep_running:
-        sweep.advance(TRAIN_SECONDS)
+        sweep.advance(load.training_seconds(TRAIN_SECONDS))
         if sweep.finished:
             ss.sweep_running = False
             st.rerun()

@@ -165,7 +165,9 @@ def test_ics_page_plays_and_draws_the_ics_chart(server, browser, page, artifacts
     page.wait_for_function(PLOT_TEXT_JS, arg=ICS_CHART_TITLE)
     # The claims table and the three sections are on the page.
     main = page.locator('[data-testid="stMain"]')
-    assert main.locator('[data-testid="stDataFrame"]').count() == 1
+    table = main.locator('[data-testid="stDataFrame"]')
+    table.first.wait_for()  # a lazily loaded component, like every table
+    assert table.count() == 1
     for heading in ("1 · Stable distributions", "2 · Internal covariate shift", "3 · Smooth"):
         assert main.get_by_role("heading", name=re.compile(re.escape(heading))).count() == 1
     assert_no_traceback(page)
@@ -218,7 +220,9 @@ def test_sweep_page_runs_a_short_sweep(server, page, artifacts_dir):
         "Usable learning rates, plain",
         "Usable learning rates, batchnorm",
     ]
-    assert page.locator('[data-testid="stDataFrame"]').count() == 1
+    table = page.locator('[data-testid="stDataFrame"]')
+    table.first.wait_for()  # the grid loads lazily: it can appear after the chart
+    assert table.count() == 1
     assert page.get_by_role("button", name=START).is_enabled()
     assert_no_traceback(page)
     screenshots(page, artifacts_dir, "sweep_desktop_1400x1000", 1400, 1000, SWEEP_PLOTS)

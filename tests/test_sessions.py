@@ -25,3 +25,6 @@ def test_two_sessions_train_independently_and_the_server_stays_up(artifacts_dir)
     assert first["variants"] == ["plain", "s0"] and second["variants"] == ["plain", "s1"]
     assert first["steps"] > 0 and second["steps"] > 0
     assert first["steps_per_s"] > 0 and second["steps_per_s"] > 0
+    # config.toml turns Streamlit's source watcher off: with it on, the server watched
+    # every folder of .venv (thousands) and stalled when the watch queue overflowed.
+    assert result["server_inotify_watches"] == 0

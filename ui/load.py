@@ -1,0 +1,55 @@
+"""How long one tick trains when several browser sessions train on one server at once.
+
+Every tick trains for a while and then redraws its charts. Drawing is Python work that
+holds the interpreter lock, so with N sessions ticking, each one's training time gets
+about 1/N of the CPU while its drawing costs as much as ever: at a fixed training time
+per tick, 8 sessions on a 2-core server drew almost all the time and trained 11 steps/s
+in all (one session alone: 95). Stretching each tick's training time by the number of
+sessions training keeps the training:drawing ratio of a lone session; each session then
+redraws less often instead of hardly training. The stretch is capped so that Pause still
+acts within half a second.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import streamlit as st
+
+MAX_TRAIN_SECONDS = 0.4  # a tick in flight when Pause is pressed still finishes
+STALE_SECONDS = 2.0  # a session that has not ticked for this long (paused) no longer counts
+
+
+class TrainingShare:
+    """The sessions that trained lately (process-wide: all sessions share one server)."""
+
+    def __init__(self) -> None:
+        self._last_tick: dict[str, float] = {}
+        self._lock = threading.Lock()  # sessions tick in threads of their own
+
+    def training_seconds(self, session: str, base: float, now: float | None = None) -> float:
+        """This tick's training time for ``session``: ``base`` times the number of
+        sessions training, at least ``base`` and at most MAX_TRAIN_SECONDS."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._last_tick[session] = now
+            for other, last in list(self._last_tick.items()):
+                if now - last > STALE_SECONDS:
+                    del self._last_tick[other]
+            training = len(self._last_tick)
+        return max(base, min(base * training, MAX_TRAIN_SECONDS))
+
+
+SHARE = TrainingShare()
+
+
+def _session() -> str:
+    # A token of the browser session's own, kept in its state: no global per-user data.
+    return st.session_state.setdefault("load_session", uuid.uuid4().hex)
+
+
+def training_seconds(base: float) -> float:
+    """How long this session's tick trains, given the sessions training right now."""
+    return SHARE.training_seconds(_session(), base)
