@@ -696,7 +696,8 @@ def loss_accuracy(history: History, *, theme: str = "screen") -> go.Figure:
     canvas = _Canvas(
         1,
         2,
-        column_titles=("Training loss (mean since the last log)", "Test accuracy (eval mode)"),
+        # Short: the two titles share one line, which is narrow on a phone.
+        column_titles=("Training loss", "Test accuracy"),
         horizontal_spacing=0.1,
     )
     loss_panel, acc_panel = canvas.panel(1, 1), canvas.panel(1, 2)
@@ -711,11 +712,16 @@ def loss_accuracy(history: History, *, theme: str = "screen") -> go.Figure:
             acc_panel,
             _line(steps, accuracy, variant, color, mode="lines+markers", hover="accuracy "),
         )
-    canvas.axis(loss_panel, x_title=STEP_AXIS, y_title="loss (log scale)", y=_log_axis(losses))
+    canvas.axis(
+        loss_panel,
+        x_title=STEP_AXIS,
+        y_title="mean loss since last point (log)",
+        y=_log_axis(losses),
+    )
     canvas.axis(
         acc_panel,
         x_title=STEP_AXIS,
-        y_title="test accuracy",
+        y_title="test accuracy (eval mode)",
         x={"matches": loss_panel.x},  # one step range for both panels
         y={"tickformat": ".0%", "range": [0, 1.02]},
     )
