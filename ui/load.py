@@ -3,11 +3,12 @@
 Every tick trains for a while and then redraws its charts. Drawing is Python work that
 holds the interpreter lock, so with N sessions ticking, each one's training time gets
 about 1/N of the CPU while its drawing costs as much as ever: at a fixed training time
-per tick, 8 sessions on a 2-core server drew almost all the time and trained 11 steps/s
-in all (one session alone: 95). Stretching each tick's training time by the number of
-sessions training keeps the training:drawing ratio of a lone session; each session then
-redraws less often instead of hardly training. The stretch is capped so that Pause still
-acts within half a second.
+per tick, 8 sessions on a 2-core server mostly drew, and trained 3.9 steps/s in all
+(one session alone: 95). Stretching each tick's training time by the number of sessions
+training keeps the training:drawing ratio of a lone session; each session then redraws
+less often instead of hardly training (8 sessions: 9-12 steps/s in all, with their 8
+browsers on the same 2 cores). The stretch is capped so that Pause still acts within
+half a second.
 """
 
 from __future__ import annotations
