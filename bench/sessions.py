@@ -10,18 +10,15 @@ server's health endpoint answered throughout, and reports total and per-session 
 Exits 1 if a check fails.
 
 In a classroom each browser runs on its own student's machine; here all N run on the
-server's machine, and drawing N pages takes most of a small machine's CPU. --browser-nice
-lowers the browsers' CPU priority (0, the default, leaves it alone). It does not simply
-hand their share to the server: the pages ask for each tick, so a starved page also
-trains less.
+server's machine, and drawing N pages takes most of a small machine's CPU. (Lowering the
+browsers' priority does not isolate the server: the pages ask for each tick, so a
+starved page trains less too.)
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import re
 import sys
 import threading
@@ -59,45 +56,10 @@ def read_status(page) -> tuple[int, str]:
     return int(match.group(1).replace(",", "")), match.group(3)
 
 
-def descendants(pid: int) -> list[int]:
-    """Process ids of every process below ``pid`` (Linux: read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # it ended while we looked
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        below = children.get(todo.pop(), [])
-        found += below
-        todo += below
-    return found
-
-
-def lower_browser_priority(nice: int) -> None:
-    """Give this process's Chromium processes the priority ``nice`` (and nothing else: a
-    test run may have other children, such as tests/conftest.py's long run)."""
-    for pid in descendants(os.getpid()):
-        with contextlib.suppress(OSError):  # it ended, or is not ours to change
-            # /usr/bin/chromium is a script that starts /usr/lib/chromium/chromium.
-            if "chrom" in Path(os.readlink(f"/proc/{pid}/exe")).name:
-                os.setpriority(os.PRIO_PROCESS, pid, nice)
-
-
-def run_sessions(sessions: int, seconds: float, log_path: Path, browser_nice: int = 0) -> dict:
+def run_sessions(sessions: int, seconds: float, log_path: Path) -> dict:
     from playwright.sync_api import sync_playwright
 
-    result: dict = {
-        "sessions": sessions,
-        "seconds": seconds,
-        "browser_nice": browser_nice,
-        "failures": [],
-    }
+    result: dict = {"sessions": sessions, "seconds": seconds, "failures": []}
     with streamlit_server(log_path) as server:
         url = server.url
         health = {"checks": 0, "failed": 0}
@@ -123,8 +85,6 @@ def run_sessions(sessions: int, seconds: float, log_path: Path, browser_nice: in
                 page.get_by_role("button", name=re.compile(r"\bPlay$")).wait_for()
                 pages.append(page)
                 mine.append(own)
-            if browser_nice:  # once every page has its renderer (Chromium sets its priority)
-                lower_browser_priority(browser_nice)
             start_steps = [read_status(page)[0] for page in pages]
             for page in pages:
                 page.get_by_role("button", name=re.compile(r"\bPlay$")).click()
@@ -161,7 +121,7 @@ def run_sessions(sessions: int, seconds: float, log_path: Path, browser_nice: in
         if not healthy(url):
             result["failures"].append("server not healthy after the sessions")
         # Watching source files for changes means watching .venv too, which is inside the
-        # app's folder: tens of thousands of watches that swamped the server under load.
+        # app's folder: thousands of watches (4,310), which swamped the server under load.
         result["server_inotify_watches"] = inotify_watches(server.pid)
     result["per_session"] = per_session
     rates = [s["steps_per_s"] for s in per_session]
@@ -175,16 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--browser-nice", type=int, default=0, help="0 (as is) to 19 (lowest)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     if not 1 <= args.sessions <= 32 or args.seconds <= 0:
         parser.error("--sessions must be in [1, 32] and --seconds > 0")
-    if not 0 <= args.browser_nice <= 19:
-        parser.error(f"--browser-nice must be in [0, 19], got {args.browser_nice}")
     log = ROOT / "artifacts" / f"streamlit_sessions_{args.sessions}.log"
     log.parent.mkdir(exist_ok=True)
-    result = run_sessions(args.sessions, args.seconds, log, args.browser_nice)
+    result = run_sessions(args.sessions, args.seconds, log)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "per_session"}, indent=2))

@@ -213,7 +213,8 @@ def test_sweep_page_runs_a_short_sweep(server, page, artifacts_dir):
 
     page.wait_for_function(PLOT_TEXT_JS, arg=SWEEP_CHART_TITLE)
     page.wait_for_function(CHART_HAS_DATA_JS, arg="chart_sweep_lr_sweep")
-    title = page.locator(".st-key-chart_sweep_lr_sweep .gtitle")
+    # .first: while a redrawn chart replaces the old one, both are briefly in the page.
+    title = page.locator(".st-key-chart_sweep_lr_sweep .gtitle").first
     assert SWEEP_CHART_TITLE in title.text_content() and title.is_visible()
     metrics = page.locator('[data-testid="stMetricLabel"]').all_inner_texts()
     assert [m.strip() for m in metrics] == [
