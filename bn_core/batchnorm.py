@@ -11,26 +11,73 @@ Notation (Ioffe & Szegedy 2015, Algorithm 1), per channel c over the m values of
 
 The backward pass is derived by hand, not left to autograd, and keeps only x_hat and
 inv_std from the forward pass (plus gamma, a parameter), the same as torch's fused kernel.
+
+Two kernels compute the training-mode pass. This file's ``_BatchNormTrain`` is the one to
+read. ``bn_core/native/batch_norm.cpp`` repeats the same formulas in C++, once built,
+because at this lab's layer sizes the interpreter between the small tensor ops costs
+more than the arithmetic. ``kernel="auto"`` (the default) uses the compiled one when it
+is built; the tests hold both to torch.nn and gradcheck.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from bn_core import native
+
 __all__ = [
+    "KERNELS",
     "BatchNorm",
     "NoiseDraw",
     "NoiseSettings",
     "NoisyBatchNorm",
     "batch_norm_train",
+    "default_kernel",
     "draw_bn_noise",
     "noise_states",
     "set_noise_states",
+    "use_kernel",
 ]
+
+KERNELS = ("auto", "python", "cpp")
+# The process-wide choice; BN_CORE_KERNEL=python runs the readable kernel everywhere.
+_default_kernel = os.environ.get("BN_CORE_KERNEL", "auto")
+if _default_kernel not in KERNELS:
+    raise ValueError(f"BN_CORE_KERNEL = {_default_kernel!r}: allowed: {', '.join(KERNELS)}")
+
+
+def default_kernel() -> str:
+    return _default_kernel
+
+
+@contextlib.contextmanager
+def use_kernel(kernel: str) -> Iterator[None]:
+    """Run layers whose ``kernel`` is None (the default) on ``kernel`` inside the block."""
+    global _default_kernel
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel = {kernel!r}: allowed: {', '.join(KERNELS)}")
+    saved, _default_kernel = _default_kernel, kernel
+    try:
+        yield
+    finally:
+        _default_kernel = saved
+
+
+def _compiled_op(kernel: str):
+    """The compiled operator if ``kernel`` asks for it (or allows it), else None."""
+    if kernel == "python":
+        return None
+    op = native.load()
+    if op is None and kernel == "cpp":
+        raise RuntimeError(f"kernel = 'cpp': the BatchNorm kernel is {native.status()}")
+    return op
 
 
 def _reduce_dims(ndim: int) -> tuple[int, ...]:
@@ -148,8 +195,18 @@ def batch_norm_train(
     beta: torch.Tensor | None,
     eps: float = 1e-5,
     grad_through_stats: bool = True,
+    kernel: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalize x of shape (N, C, *) with its batch statistics; returns (y, mu_B, var_B)."""
+    op = _compiled_op(kernel or _default_kernel)
+    if op is not None:
+        # The compiled kernel reports its statistics through running buffers: with
+        # factor 1 they become mu_B and the unbiased variance.
+        c, m = x.shape[1], x.numel() // x.shape[1]
+        mean = torch.zeros(c, dtype=x.dtype, device=x.device)
+        var = torch.zeros(c, dtype=x.dtype, device=x.device)
+        y = op(x, gamma, beta, mean, var, eps, 1.0, grad_through_stats)
+        return y, mean, var * ((m - 1) / m)
     stats: list[torch.Tensor] = []
 
     def keep(mu: torch.Tensor, sum_sq: torch.Tensor, m: int) -> None:
@@ -177,8 +234,11 @@ class BatchNorm(nn.Module):
         grad_through_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        kernel: str | None = None,
     ) -> None:
         super().__init__()
+        if kernel is not None and kernel not in KERNELS:
+            raise ValueError(f"kernel = {kernel!r}: allowed: None, {', '.join(KERNELS)}")
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features = {num_features!r}: must be an integer >= 1")
         if not eps > 0:
@@ -192,6 +252,9 @@ class BatchNorm(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.grad_through_stats = grad_through_stats
+        # None follows the process-wide choice (use_kernel, BN_CORE_KERNEL); not saved in
+        # the state_dict, which stays torch's.
+        self.kernel = kernel
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))
             self.bias = nn.Parameter(torch.zeros(num_features, **factory))
@@ -281,6 +344,29 @@ class BatchNorm(nn.Module):
         # buffers are read from their dicts: nn.Module.__getattr__ is a Python fallback
         # that costs about as much as a small tensor op.
         params = self._parameters
+        op = _compiled_op(self.kernel or _default_kernel)
+        if op is not None:
+            buffers = self._buffers
+            if self.training and self.track_running_stats:
+                num_batches = buffers["num_batches_tracked"]
+                num_batches.add_(1)
+                factor = self.momentum
+                if factor is None:  # a cumulative average
+                    factor = 1.0 / float(num_batches)
+                running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+            else:
+                running_mean = running_var = None
+                factor = 0.0
+            return op(
+                x,
+                params["weight"],
+                params["bias"],
+                running_mean,
+                running_var,
+                self.eps,
+                factor,
+                self.grad_through_stats,
+            )
         return _BatchNormTrain.apply(
             x,
             params["weight"],

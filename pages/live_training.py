@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from bn_core import figures
+from bn_core import figures, native
 from bn_core.config import FIELDS
 from bn_core.data import DATASETS
 from ui import load, session
@@ -109,7 +109,13 @@ with st.sidebar:
     )
     c2.number_input("Batch size", 1, 4096, key="w_batch_size", persist_state="session")
     c1.number_input("Seed", 0, 2**31 - 1, key="w_seed", persist_state="session")
-    c2.selectbox("Device", ["auto", "cpu", "cuda"], key="w_device", persist_state="session")
+    c2.selectbox(
+        "Device",
+        ["auto", "cpu", "cuda"],
+        key="w_device",
+        persist_state="session",
+        help=f"Where the nets train. Our BatchNorm layers run on the {native.status()}.",
+    )
     st.checkbox(
         "Keep the linear bias before BN",
         key="w_keep_bias",

@@ -1,8 +1,14 @@
-"""bn_core.BatchNorm against torch.nn.BatchNorm1d/2d, gradcheck and closed-form gradients."""
+"""bn_core.BatchNorm against torch.nn.BatchNorm1d/2d, gradcheck and closed-form gradients.
+
+Every test runs twice: on the readable Python kernel and on the compiled C++ kernel.
+"""
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +17,8 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
 
-from bn_core import BatchNorm, batch_norm_train
+from bn_core import BatchNorm, batch_norm_train, native
+from bn_core.batchnorm import use_kernel
 
 F64 = torch.float64
 RTOL = 1e-10
@@ -19,6 +26,14 @@ RTOL = 1e-10
 ATOL = 1e-12
 HYP = settings(max_examples=60, deadline=None)
 MOMENTA = [0.1, 0.5, 1.0, 0.0, None]
+
+
+@pytest.fixture(scope="module", params=["python", "cpp"], autouse=True)
+def kernel(request):
+    # Module scope: hypothesis refuses function-scoped fixtures around @given tests.
+    # The test command builds the C++ kernel, so a missing build fails here, loudly.
+    with use_kernel(request.param):
+        yield request.param
 
 
 def exact(actual, expected, **kw):
@@ -543,3 +558,89 @@ def test_low_precision_input_with_float32_parameters(dtype, training):
         assert ours.running_mean.dtype == torch.float32
         assert_close(ours.running_mean, ref.running_mean, rtol=1e-3, atol=1e-3)
         assert_close(ours.running_var, ref.running_var, rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------- which kernel runs
+
+
+def test_the_fixture_kernel_is_the_one_that_runs(kernel):
+    x = torch.randn(4, 3, requires_grad=True)
+    node = BatchNorm(3)(x).grad_fn.name()
+    if kernel == "cpp":
+        assert "CppNode" in node and "BatchNormTrain" in node, node
+    else:
+        assert node == "_BatchNormTrainBackward", node
+
+
+@pytest.mark.parametrize("shape", [(4096, 96), (256, 16, 8, 8), (64, 40, 300)])
+def test_large_inputs_split_over_threads_match_torch_and_each_other(shape):
+    # Large enough that the compiled kernel gives channels to several threads; the result
+    # must match torch and must not depend on how many threads there are.
+    gen = torch.Generator().manual_seed(3)
+    x = make_x(shape, gen, offset=2.0)
+    dy = torch.randn(shape, generator=gen, dtype=F64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            ours, ref = make_pair(shape, torch.Generator().manual_seed(1))
+            assert_runs_match(ours, ref, x, dy)
+            assert_buffers_match(ours, ref)
+            results.append(run(ours, x, dy))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (5, 4, 3), (3, 4, 2, 2)])
+def test_non_contiguous_input_matches_torch(shape):
+    # A transposed view: the compiled kernel takes its tensor-op path for such layouts.
+    gen = torch.Generator().manual_seed(4)
+    x = make_x(shape, gen, offset=1.0).transpose(0, -1).contiguous().transpose(0, -1)
+    assert not x.is_contiguous()
+    dy = torch.randn(shape, generator=gen, dtype=F64)
+    ours, ref = make_pair(shape, gen)
+    assert_runs_match(ours, ref, x, dy)
+    assert_buffers_match(ours, ref)
+
+
+def test_unknown_kernel_names_are_rejected():
+    with pytest.raises(ValueError, match=r"kernel = 'fortran': allowed: None, auto, python, cpp"):
+        BatchNorm(3, kernel="fortran")
+    with pytest.raises(ValueError, match="kernel = 'gpu'"), use_kernel("gpu"):
+        pass
+
+
+def test_build_name_changes_with_the_source(tmp_path, monkeypatch):
+    # A build is loaded only if it was compiled from this very source, so an edited
+    # kernel is never run from a stale library.
+    before = native.build_name()
+    edited = tmp_path / "batch_norm.cpp"
+    edited.write_bytes(native.SOURCE.read_bytes() + b"\n// edited\n")
+    monkeypatch.setattr(native, "SOURCE", edited)
+    assert native.build_name() != before
+    assert native.build_name().startswith("bn_core_native_")
+
+
+def test_without_a_build_auto_falls_back_and_cpp_says_how_to_build(tmp_path):
+    code = (
+        "import torch\n"
+        "from bn_core import BatchNorm, native\n"
+        "x = torch.randn(4, 3, requires_grad=True)\n"
+        "print(BatchNorm(3)(x).grad_fn.name())\n"
+        "print(native.status())\n"
+        "try:\n"
+        "    BatchNorm(3, kernel='cpp')(x)\n"
+        "except RuntimeError as err:\n"
+        "    print(err)\n"
+    )
+    env = {**os.environ, "BN_CORE_BUILD_DIR": str(tmp_path), "BN_CORE_KERNEL": "auto"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    node, status, error = out.stdout.strip().splitlines()
+    assert node == "_BatchNormTrainBackward"
+    assert status.startswith("Python kernel (the compiled kernel is not built")
+    assert "kernel = 'cpp'" in error and "python -m bn_core.native build" in error

@@ -1,0 +1,399 @@
+// The training-mode BatchNorm of bn_core/batchnorm.py, the same formulas in C++.
+//
+// bn_core/batchnorm.py holds the readable version (forward and hand-derived backward in
+// a Python torch.autograd.Function). At this lab's layer sizes (60 x 100) each tensor op
+// takes a few microseconds and the Python around it costs as much again, so this file
+// repeats the same steps as a C++ torch::autograd::Function: same ops, same order, same
+// saved tensors (x_hat and inv_std only), without the interpreter in between. Tests hold
+// both versions to torch.nn.BatchNorm and to each other.
+
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Every dimension but the channel dimension 1: what the statistics average over.
+std::vector<int64_t> reduce_dims(int64_t ndim) {
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < ndim; ++d) dims.push_back(d);
+  return dims;
+}
+
+// (C,) viewed so that it broadcasts against an (N, C, *) input.
+at::Tensor per_channel(const at::Tensor& v, int64_t ndim) {
+  if (ndim == 2) return v;
+  std::vector<int64_t> shape(ndim, 1);
+  shape[1] = -1;
+  return v.view(shape);
+}
+
+
+// --- CPU loops -------------------------------------------------------------------------
+// A contiguous (N, C, S) input (S = 1 for (N, C), L or H*W otherwise): channel c's m = N*S
+// values are x[(n*C + c)*S + s]. One channel is one independent job, so threads split
+// channels and the result does not depend on the thread count. Sums accumulate in double
+// for float inputs (at::acc_type), as torch's CPU kernel does.
+
+// Channels per thread job: small layers (60 x 100) stay on one thread, where waking a
+// pool would cost more than the arithmetic.
+int64_t channel_grain(int64_t m) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(m, 1)); }
+
+struct Layout {
+  int64_t N, C, S, m;
+  explicit Layout(const at::Tensor& x)
+      : N(x.size(0)), C(x.size(1)), S(x.numel() / (x.size(0) * x.size(1))), m(x.numel() / x.size(1)) {}
+};
+
+// Fills x_hat, y, inv_std, mean and sum_sq (sum of squared deviations) for channels
+// [c0, c1). (N, C) inputs (S = 1) run row by row with the channels innermost, so the
+// compiler vectorizes across channels; (N, C, S) inputs run channel by channel with the
+// S contiguous values innermost.
+template <typename scalar_t>
+void forward_block(const Layout& L, int64_t c0, int64_t c1, const scalar_t* x,
+                   const scalar_t* gamma, const scalar_t* beta, double eps, scalar_t* x_hat,
+                   scalar_t* y, scalar_t* inv_std, scalar_t* mean_out, scalar_t* sum_sq_out,
+                   scalar_t* running_mean, scalar_t* running_var, double factor) {
+  using acc_t = at::acc_type<scalar_t, false>;
+  const int64_t width = c1 - c0;
+  std::vector<acc_t> mu(width, 0), sq(width, 0), scale(width), shift(width);
+  const bool flat = L.S == 1;
+  // Pass 1: the means.
+  if (flat) {
+    for (int64_t n = 0; n < L.N; ++n) {
+      const scalar_t* row = x + n * L.C + c0;
+      for (int64_t k = 0; k < width; ++k) mu[k] += row[k];
+    }
+  } else for (int64_t n = 0; n < L.N; ++n) {
+    for (int64_t k = 0; k < width; ++k) {
+      const scalar_t* row = x + (n * L.C + c0 + k) * L.S;
+      acc_t sum = 0;
+      for (int64_t s = 0; s < L.S; ++s) sum += row[s];
+      mu[k] += sum;
+    }
+  }
+  for (int64_t k = 0; k < width; ++k) mu[k] /= L.m;
+  // Pass 2: squared deviations from the mean. E[x^2] - E[x]^2 would cancel
+  // catastrophically when |mean| >> std.
+  if (flat) {
+    for (int64_t n = 0; n < L.N; ++n) {
+      const scalar_t* row = x + n * L.C + c0;
+      for (int64_t k = 0; k < width; ++k) {
+        const acc_t d = acc_t(row[k]) - mu[k];
+        sq[k] += d * d;
+      }
+    }
+  } else for (int64_t n = 0; n < L.N; ++n) {
+    for (int64_t k = 0; k < width; ++k) {
+      const scalar_t* row = x + (n * L.C + c0 + k) * L.S;
+      const acc_t m_k = mu[k];
+      acc_t sum = 0;
+      for (int64_t s = 0; s < L.S; ++s) {
+        const acc_t d = acc_t(row[s]) - m_k;
+        sum += d * d;
+      }
+      sq[k] += sum;
+    }
+  }
+  for (int64_t k = 0; k < width; ++k) {
+    const int64_t c = c0 + k;
+    const acc_t istd = acc_t(1) / std::sqrt(sq[k] / L.m + acc_t(eps));
+    inv_std[c] = scalar_t(istd);
+    mean_out[c] = scalar_t(mu[k]);
+    sum_sq_out[c] = scalar_t(sq[k]);
+    scale[k] = istd;
+    shift[k] = -mu[k] * istd;  // x_hat = x * inv_std - mu * inv_std
+    if (running_mean != nullptr) {
+      // running = (1 - f) * running + f * batch; running_var takes the unbiased variance.
+      const acc_t f = acc_t(factor);
+      running_mean[c] = scalar_t((1 - f) * acc_t(running_mean[c]) + f * mu[k]);
+      running_var[c] = scalar_t((1 - f) * acc_t(running_var[c]) + f * sq[k] / (L.m - 1));
+    }
+  }
+  // Pass 3: x_hat and y = gamma * x_hat + beta.
+  if (flat) {
+    std::vector<acc_t> g(width), b(width);
+    for (int64_t k = 0; k < width; ++k) {
+      g[k] = gamma ? acc_t(gamma[c0 + k]) : acc_t(1);
+      b[k] = beta ? acc_t(beta[c0 + k]) : acc_t(0);
+    }
+    for (int64_t n = 0; n < L.N; ++n) {
+      const int64_t base = n * L.C + c0;
+      for (int64_t k = 0; k < width; ++k) {
+        const acc_t h = acc_t(x[base + k]) * scale[k] + shift[k];
+        x_hat[base + k] = scalar_t(h);
+        y[base + k] = scalar_t(h * g[k] + b[k]);
+      }
+    }
+  } else for (int64_t n = 0; n < L.N; ++n) {
+    for (int64_t k = 0; k < width; ++k) {
+      const int64_t base = (n * L.C + c0 + k) * L.S;
+      const acc_t a = scale[k], d = shift[k];
+      const acc_t g = gamma ? acc_t(gamma[c0 + k]) : acc_t(1);
+      const acc_t b = beta ? acc_t(beta[c0 + k]) : acc_t(0);
+      for (int64_t s = 0; s < L.S; ++s) {
+        const acc_t h = acc_t(x[base + s]) * a + d;
+        x_hat[base + s] = scalar_t(h);
+        y[base + s] = scalar_t(h * g + b);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_loops(const Layout& L, const scalar_t* x, const scalar_t* gamma,
+                   const scalar_t* beta, double eps, scalar_t* x_hat, scalar_t* y,
+                   scalar_t* inv_std, scalar_t* mean_out, scalar_t* sum_sq_out,
+                   scalar_t* running_mean, scalar_t* running_var, double factor) {
+  at::parallel_for(0, L.C, channel_grain(L.m), [&](int64_t c0, int64_t c1) {
+    forward_block<scalar_t>(L, c0, c1, x, gamma, beta, eps, x_hat, y, inv_std, mean_out,
+                            sum_sq_out, running_mean, running_var, factor);
+  });
+}
+
+// The per-channel sums that are dbeta and dgamma, then dx (when wanted), for [c0, c1).
+template <typename scalar_t>
+void backward_block(const Layout& L, int64_t c0, int64_t c1, const scalar_t* dy,
+                    const scalar_t* x_hat, const scalar_t* inv_std, const scalar_t* gamma,
+                    bool through_stats, scalar_t* dx, scalar_t* sum_dy_out,
+                    scalar_t* sum_dy_xhat_out) {
+  using acc_t = at::acc_type<scalar_t, false>;
+  const int64_t width = c1 - c0;
+  std::vector<acc_t> sum_dy(width, 0), sum_dy_xhat(width, 0), scale(width), a(width),
+      b(width);
+  const bool flat = L.S == 1;
+  if (flat) {
+    for (int64_t n = 0; n < L.N; ++n) {
+      const int64_t base = n * L.C + c0;
+      for (int64_t k = 0; k < width; ++k) {
+        sum_dy[k] += dy[base + k];
+        sum_dy_xhat[k] += acc_t(dy[base + k]) * acc_t(x_hat[base + k]);
+      }
+    }
+  } else for (int64_t n = 0; n < L.N; ++n) {
+    for (int64_t k = 0; k < width; ++k) {
+      const int64_t base = (n * L.C + c0 + k) * L.S;
+      acc_t s1 = 0, s2 = 0;
+      for (int64_t s = 0; s < L.S; ++s) {
+        s1 += dy[base + s];
+        s2 += acc_t(dy[base + s]) * acc_t(x_hat[base + s]);
+      }
+      sum_dy[k] += s1;
+      sum_dy_xhat[k] += s2;
+    }
+  }
+  for (int64_t k = 0; k < width; ++k) {
+    sum_dy_out[c0 + k] = scalar_t(sum_dy[k]);
+    sum_dy_xhat_out[c0 + k] = scalar_t(sum_dy_xhat[k]);
+  }
+  if (dx == nullptr) return;
+  for (int64_t k = 0; k < width; ++k) {
+    const int64_t c = c0 + k;
+    scale[k] = acc_t(inv_std[c]) * (gamma ? acc_t(gamma[c]) : acc_t(1));
+    // Through the statistics:
+    //   dL/dx_i = gamma * inv_std * (dy_i - mean(dy) - x_hat_i * mean(dy * x_hat))
+    // Statistics held constant (the naive gradient): dL/dx_i = gamma * inv_std * dy_i
+    a[k] = through_stats ? sum_dy[k] / L.m : acc_t(0);
+    b[k] = through_stats ? sum_dy_xhat[k] / L.m : acc_t(0);
+  }
+  if (flat) {
+    for (int64_t n = 0; n < L.N; ++n) {
+      const int64_t base = n * L.C + c0;
+      for (int64_t k = 0; k < width; ++k) {
+        dx[base + k] = scalar_t(
+            scale[k] * (acc_t(dy[base + k]) - a[k] - acc_t(x_hat[base + k]) * b[k]));
+      }
+    }
+  } else for (int64_t n = 0; n < L.N; ++n) {
+    for (int64_t k = 0; k < width; ++k) {
+      const int64_t base = (n * L.C + c0 + k) * L.S;
+      const acc_t sc = scale[k], mean_dy = a[k], mean_dy_xhat = b[k];
+      for (int64_t s = 0; s < L.S; ++s) {
+        dx[base + s] = scalar_t(
+            sc * (acc_t(dy[base + s]) - mean_dy - acc_t(x_hat[base + s]) * mean_dy_xhat));
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void backward_loops(const Layout& L, const scalar_t* dy, const scalar_t* x_hat,
+                    const scalar_t* inv_std, const scalar_t* gamma, bool through_stats,
+                    scalar_t* dx, scalar_t* sum_dy_out, scalar_t* sum_dy_xhat_out) {
+  at::parallel_for(0, L.C, channel_grain(L.m), [&](int64_t c0, int64_t c1) {
+    backward_block<scalar_t>(L, c0, c1, dy, x_hat, inv_std, gamma, through_stats, dx,
+                             sum_dy_out, sum_dy_xhat_out);
+  });
+}
+
+bool use_loops(const at::Tensor& x) {
+  return x.device().is_cpu() && x.is_contiguous() &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+}
+
+struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x,
+                            const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var, double eps,
+                            double factor, bool grad_through_stats) {
+    const int64_t ndim = x.dim();
+    const int64_t m = x.numel() / x.size(1);
+    const bool affine = weight.has_value() && weight->defined();
+    const bool loops = use_loops(x) &&
+                       (!affine || (weight->is_contiguous() && bias->is_contiguous() &&
+                                    weight->scalar_type() == x.scalar_type() &&
+                                    bias->scalar_type() == x.scalar_type()));
+    const bool track = running_mean.has_value() && running_mean->defined();
+    // Running statistics of the input's dtype are updated inside the loops.
+    const bool track_in_loops = loops && track && running_mean->is_contiguous() &&
+                                running_var->is_contiguous() &&
+                                running_mean->scalar_type() == x.scalar_type() &&
+                                running_var->scalar_type() == x.scalar_type();
+    at::Tensor mu, x_hat, sum_sq, inv_std, y;
+    if (loops) {
+      const Layout L(x);
+      x_hat = at::empty_like(x);
+      y = at::empty_like(x);
+      inv_std = at::empty({L.C}, x.options());
+      mu = at::empty({L.C}, x.options());
+      sum_sq = at::empty({L.C}, x.options());
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_core_batch_norm_forward", [&] {
+        forward_loops<scalar_t>(L, x.const_data_ptr<scalar_t>(),
+                                affine ? weight->const_data_ptr<scalar_t>() : nullptr,
+                                affine ? bias->const_data_ptr<scalar_t>() : nullptr, eps,
+                                x_hat.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                                inv_std.mutable_data_ptr<scalar_t>(), mu.mutable_data_ptr<scalar_t>(),
+                                sum_sq.mutable_data_ptr<scalar_t>(),
+                                track_in_loops ? running_mean->mutable_data_ptr<scalar_t>() : nullptr,
+                                track_in_loops ? running_var->mutable_data_ptr<scalar_t>() : nullptr,
+                                factor);
+      });
+    } else {
+      // Other devices and layouts: the same steps as tensor ops.
+      const bool flat = ndim == 2;
+      if (flat) {
+        mu = x.mean(0);
+        x_hat = x - mu;
+        // Centered two-pass variance, as in the Python version (never E[x^2] - E[x]^2).
+        sum_sq = at::linalg_vecdot(x_hat, x_hat, 0);
+      } else {
+        const auto dims = reduce_dims(ndim);
+        mu = x.mean(dims, /*keepdim=*/true);
+        x_hat = x - mu;
+        sum_sq = x_hat.square().sum(dims, /*keepdim=*/true);
+      }
+      // inv_std = 1 / sqrt(sum_sq / m + eps)
+      inv_std = at::add(sum_sq, eps * m).mul_(1.0 / m).rsqrt_();
+      x_hat.mul_(inv_std);
+      inv_std = inv_std.reshape(-1);
+      y = affine ? at::addcmul(per_channel(*bias, ndim), x_hat, per_channel(*weight, ndim))
+                 : x_hat.clone();  // never hand out the saved x_hat itself
+    }
+    if (track && !track_in_loops) {
+      // running = (1 - f) * running + f * batch; running_var takes the unbiased variance.
+      at::Tensor var = sum_sq.reshape(-1) * (1.0 / static_cast<double>(m - 1));
+      running_mean->lerp_(mu.reshape(-1).to(running_mean->scalar_type()), factor);
+      running_var->lerp_(var.to(running_var->scalar_type()), factor);
+    }
+    ctx->save_for_backward({x_hat, inv_std, affine ? *weight : at::Tensor()});
+    ctx->saved_data["m"] = m;
+    ctx->saved_data["loops"] = loops;
+    ctx->saved_data["through_stats"] = grad_through_stats;
+    ctx->saved_data["need_x"] = x.requires_grad();
+    ctx->saved_data["need_gamma"] = affine && weight->requires_grad();
+    ctx->saved_data["need_beta"] = affine && bias->requires_grad();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x_hat = saved[0];
+    const at::Tensor& inv_std = saved[1];
+    const at::Tensor& gamma = saved[2];
+    at::Tensor dy = grad_outputs[0];
+    const int64_t m = ctx->saved_data["m"].toInt();
+    const bool need_x = ctx->saved_data["need_x"].toBool();
+    const bool need_gamma = ctx->saved_data["need_gamma"].toBool();
+    const bool need_beta = ctx->saved_data["need_beta"].toBool();
+    const bool through_stats = need_x && ctx->saved_data["through_stats"].toBool();
+    const int64_t ndim = dy.dim();
+    at::Tensor sum_dy, sum_dy_xhat, dx;
+    if (ctx->saved_data["loops"].toBool()) {
+      dy = dy.contiguous();  // x_hat is contiguous; a gradient may arrive strided
+      const Layout L(x_hat);
+      sum_dy = at::empty({L.C}, x_hat.options());
+      sum_dy_xhat = at::empty({L.C}, x_hat.options());
+      if (need_x) dx = at::empty_like(x_hat);
+      AT_DISPATCH_FLOATING_TYPES(x_hat.scalar_type(), "bn_core_batch_norm_backward", [&] {
+        backward_loops<scalar_t>(L, dy.const_data_ptr<scalar_t>(), x_hat.const_data_ptr<scalar_t>(),
+                                 inv_std.const_data_ptr<scalar_t>(),
+                                 gamma.defined() ? gamma.const_data_ptr<scalar_t>() : nullptr,
+                                 through_stats, need_x ? dx.mutable_data_ptr<scalar_t>() : nullptr,
+                                 sum_dy.mutable_data_ptr<scalar_t>(),
+                                 sum_dy_xhat.mutable_data_ptr<scalar_t>());
+      });
+    } else {
+      const bool flat = ndim == 2;
+      // dL/dbeta = sum_i dy_i ; dL/dgamma = sum_i dy_i * x_hat_i (per channel)
+      if (flat) {
+        if (need_beta || through_stats) sum_dy = dy.sum(0);
+        if (need_gamma || through_stats) sum_dy_xhat = at::linalg_vecdot(dy, x_hat, 0);
+      } else {
+        const auto dims = reduce_dims(ndim);
+        if (need_beta || through_stats) sum_dy = dy.sum(dims, /*keepdim=*/true);
+        if (need_gamma || through_stats) sum_dy_xhat = (dy * x_hat).sum(dims, /*keepdim=*/true);
+      }
+      if (need_x) {
+        at::Tensor scale = per_channel(inv_std, ndim);
+        if (gamma.defined()) scale = per_channel(gamma, ndim) * scale;
+        if (!through_stats) {
+          // Naive gradient (statistics held constant): dL/dx_i = gamma * inv_std * dy_i
+          dx = dy * scale;
+        } else {
+          // dL/dx_i = gamma * inv_std * (dy_i - mean(dy) - x_hat_i * mean(dy * x_hat))
+          dx = at::addcmul(dy, x_hat, sum_dy_xhat, -1.0 / m);
+          dx.sub_(sum_dy, 1.0 / m);
+          dx.mul_(scale);
+        }
+      }
+    }
+    at::Tensor dgamma, dbeta;
+    if (need_gamma) dgamma = sum_dy_xhat.reshape(-1);
+    if (need_beta) dbeta = sum_dy.reshape(-1);
+    return {dx, dgamma, dbeta, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor batch_norm_train(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var, double eps,
+                            double factor, bool grad_through_stats) {
+  return BatchNormTrain::apply(x, weight, bias, running_mean, running_var, eps, factor,
+                               grad_through_stats);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bn_core, m) {
+  m.def(
+      "batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, float eps, float factor, bool grad_through_stats) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bn_core, CompositeImplicitAutograd, m) {
+  m.impl("batch_norm_train", &batch_norm_train);
+}
