@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bn_core import BatchNorm  # noqa: E402
+from bn_core import BatchNorm, native  # noqa: E402
 
 # --------------------------------------------------------------------------- registry
 
@@ -253,9 +253,10 @@ def bn_step(config: Config) -> dict:
         "round_ratio": t.round_ratio,
         "rounds": rounds,
         "repeat": repeat,
+        "kernel": native.status(),
         "note": (
             f"median s/step over {rounds} alternating rounds of {repeat} steps; "
-            f"median per-round ratio {t.round_ratio:.3f}"
+            f"median per-round ratio {t.round_ratio:.3f}; ours on the {native.status()}"
         ),
     }
 

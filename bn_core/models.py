@@ -157,8 +157,10 @@ class _NormGroups(nn.Module):
             return h
         V, N, C = h.shape
         pieces = []
-        for (a, b, _), bn in zip(self.runs, self._run_modules, strict=True):
-            part = h if b - a == V else h[a:b]
+        # One split rather than a slice per run: its backward is a single concatenation,
+        # where each slice's backward would write a full-size tensor of zeros.
+        parts = (h,) if len(self.runs) == 1 else h.split([b - a for a, b, _ in self.runs])
+        for (a, b, _), bn, part in zip(self.runs, self._run_modules, parts, strict=True):
             if bn is None:
                 pieces.append(part)
             elif b - a == 1:

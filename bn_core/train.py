@@ -540,19 +540,30 @@ class Trainer:
         self.model.train()
         with preserved_state(self.model, []):
             _, records = self.model(self.x_stats, record=True)
+        stats = {v: self.model.bn_running_stats(v) for v in running}
+        # Per layer, every variant with BN there in a few stacked ops, and one copy to the
+        # host at the end: a loop over variants with .item() cost more than the pass.
+        columns: list[tuple[str, list[int], torch.Tensor]] = []
+        for li, rec in enumerate(records):
+            have = [v for v in running if stats[v][li] is not None]
+            if not have:
+                continue
+            x = rec.bn_input[torch.tensor(have, device=self.device)]  # (R, N, C, ...)
+            x = x.transpose(1, 2).reshape(len(have), x.shape[2], -1)
+            mean = torch.stack([stats[v][li][0] for v in have])
+            var = torch.stack([stats[v][li][1] for v in have])
+            errors = torch.stack(
+                [(mean - x.mean(2)).abs().mean(1), (var - x.var(2)).abs().mean(1)], dim=1
+            )
+            columns.append((rec.name, have, errors))
+        values = torch.cat([e for *_, e in columns]).tolist() if columns else []
         out: dict[int, list] = {}
-        for v in running:
-            stats = self.model.bn_running_stats(v)
-            for rec, st in zip(records, stats, strict=True):
-                if st is None:
-                    continue
-                x = rec.bn_input[v].transpose(0, 1).reshape(rec.bn_input.shape[2], -1)
-                mean_err = (st[0] - x.mean(1)).abs().mean().item()
-                var_err = (st[1] - x.var(1)).abs().mean().item()
+        row = 0
+        for name, have, _ in columns:
+            for v in have:
+                mean_err, var_err = values[row]
+                row += 1
                 out.setdefault(v, []).extend(
-                    [
-                        (rec.name, "running_mean_error", mean_err),
-                        (rec.name, "running_var_error", var_err),
-                    ]
+                    [(name, "running_mean_error", mean_err), (name, "running_var_error", var_err)]
                 )
         return out

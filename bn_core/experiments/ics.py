@@ -47,7 +47,10 @@ def preserved_state(model: nn.Module, params: Sequence[torch.Tensor]) -> Iterato
     and the noise generators of noisy BN layers, bit for bit.
     """
     values = [p.detach().clone() for p in params]
-    buffers = [b.clone() for b in model.buffers()]
+    # One walk over the modules: every logged step comes here, and walking costs more
+    # than copying the few small buffers.
+    buffers = list(model.buffers())
+    saved = [b.clone() for b in buffers]
     noise = noise_states(model)
     try:
         yield
@@ -55,9 +58,9 @@ def preserved_state(model: nn.Module, params: Sequence[torch.Tensor]) -> Iterato
         with torch.no_grad():
             for p, v in zip(params, values, strict=True):
                 p.copy_(v)
-            for b, v in zip(model.buffers(), buffers, strict=True):
-                b.copy_(v)
-        set_noise_states(model, noise)
+            torch._foreach_copy_(buffers, saved)
+        if noise:  # a model with noisy BN layers
+            set_noise_states(model, noise)
 
 
 def shifted_gradient(

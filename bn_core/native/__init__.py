@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -54,6 +55,10 @@ def build(verbose: bool = False) -> Path:
     name = build_name()
     folder = BUILD_DIR / name
     folder.mkdir(parents=True, exist_ok=True)
+    # Builds of earlier sources can never load again (their name no longer matches).
+    for old in BUILD_DIR.glob("bn_core_native_*"):
+        if old != folder and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
     cpp_extension.load(
         name=name,
         sources=[str(SOURCE)],
