@@ -28,6 +28,7 @@ from bn_core.probes import (
     postact_range,
     preact_edges,
     quantiles_of_sorted,
+    row_std,
     saturation_cut,
     saturation_fraction,
     sort_rows,
@@ -366,7 +367,7 @@ class Trainer:
             columns = [
                 G.norm(dim=1),
                 # log10(std(lr * grad) / std(W)), the update:data ratio
-                torch.log10(lrs * G.std(dim=1) / W.std(dim=1)),
+                torch.log10(lrs * row_std(G) / row_std(W)),
                 stack.bias.norm(dim=1),
                 stack.bias_grad.norm(dim=1),
                 torch.full_like(lrs, math.nan)

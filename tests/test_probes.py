@@ -16,6 +16,7 @@ from bn_core.probes import (
     histogram_rows,
     postact_range,
     quantiles_of_sorted,
+    row_std,
     saturation_fraction,
     update_ratio,
 )
@@ -159,3 +160,13 @@ def test_postact_range():
     assert postact_range("sigmoid", 8.0) == (0.0, 1.0)
     assert postact_range("tanh", 8.0) == (-1.0, 1.0)
     assert postact_range("relu", 5.0) == (0.0, 5.0)
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (2, 6400), (8, 333)])
+def test_row_std_is_the_sample_std_of_each_row(shape):
+    rng = np.random.default_rng(sum(shape))
+    rows = rng.normal(3.0, 0.5, size=shape) * rng.uniform(0.1, 10, size=(shape[0], 1))
+    got = row_std(torch.from_numpy(rows))
+    np.testing.assert_allclose(got.numpy(), rows.std(axis=1, ddof=1), rtol=1e-12)
+    got32 = row_std(torch.from_numpy(rows).float())
+    np.testing.assert_allclose(got32.numpy(), rows.std(axis=1, ddof=1), rtol=1e-5)
