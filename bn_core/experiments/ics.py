@@ -58,7 +58,8 @@ def preserved_state(model: nn.Module, params: Sequence[torch.Tensor]) -> Iterato
         with torch.no_grad():
             for p, v in zip(params, values, strict=True):
                 p.copy_(v)
-            torch._foreach_copy_(buffers, saved)
+            if buffers:
+                torch._foreach_copy_(buffers, saved)
         if noise:  # a model with noisy BN layers
             set_noise_states(model, noise)
 
