@@ -644,3 +644,10 @@ def test_without_a_build_auto_falls_back_and_cpp_says_how_to_build(tmp_path):
     assert node == "_BatchNormTrainBackward"
     assert status.startswith("Python kernel (the compiled kernel is not built")
     assert "kernel = 'cpp'" in error and "python -m bn_core.native build" in error
+
+
+def test_compiled_kernel_refuses_gamma_without_beta(kernel):
+    if kernel != "cpp":
+        pytest.skip("the Python kernel is reached only through BatchNorm, which has both")
+    with pytest.raises(RuntimeError, match="weight .gamma. and bias .beta. must be given together"):
+        native.load()(torch.randn(4, 3), torch.ones(3), None, None, None, 1e-5, 0.0, True)

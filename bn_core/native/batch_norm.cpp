@@ -255,6 +255,8 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
     const int64_t ndim = x.dim();
     const int64_t m = x.numel() / x.size(1);
     const bool affine = weight.has_value() && weight->defined();
+    TORCH_CHECK(affine == (bias.has_value() && bias->defined()),
+                "batch_norm_train: weight (gamma) and bias (beta) must be given together");
     const bool loops = use_loops(x) &&
                        (!affine || (weight->is_contiguous() && bias->is_contiguous() &&
                                     weight->scalar_type() == x.scalar_type() &&
