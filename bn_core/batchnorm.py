@@ -39,7 +39,6 @@ __all__ = [
     "NoiseSettings",
     "NoisyBatchNorm",
     "batch_norm_train",
-    "default_kernel",
     "draw_bn_noise",
     "noise_states",
     "set_noise_states",
@@ -51,10 +50,6 @@ KERNELS = ("auto", "python", "cpp")
 _default_kernel = os.environ.get("BN_CORE_KERNEL", "auto")
 if _default_kernel not in KERNELS:
     raise ValueError(f"BN_CORE_KERNEL = {_default_kernel!r}: allowed: {', '.join(KERNELS)}")
-
-
-def default_kernel() -> str:
-    return _default_kernel
 
 
 @contextlib.contextmanager
@@ -348,11 +343,7 @@ class BatchNorm(nn.Module):
         if op is not None:
             buffers = self._buffers
             if self.training and self.track_running_stats:
-                num_batches = buffers["num_batches_tracked"]
-                num_batches.add_(1)
-                factor = self.momentum
-                if factor is None:  # a cumulative average
-                    factor = 1.0 / float(num_batches)
+                factor = self._next_running_factor()
                 running_mean, running_var = buffers["running_mean"], buffers["running_var"]
             else:
                 running_mean = running_var = None
@@ -376,16 +367,20 @@ class BatchNorm(nn.Module):
             self._update_running_stats if self.training and self.track_running_stats else None,
         )
 
-    def _update_running_stats(self, mu: torch.Tensor, sum_sq: torch.Tensor, m: int) -> None:
-        # PyTorch's contract: running = (1 - f) * running + f * batch, with f = momentum,
-        # or f = 1 / num_batches_tracked (a cumulative average) when momentum is None.
-        # running_var takes the unbiased batch variance, sum_sq / (m - 1).
-        buffers = self._buffers
-        num_batches = buffers["num_batches_tracked"]
+    def _next_running_factor(self) -> float:
+        """Count this batch and return f for running = (1 - f) * running + f * batch.
+
+        PyTorch's contract: f = momentum, or f = 1 / num_batches_tracked (a cumulative
+        average) when momentum is None.
+        """
+        num_batches = self._buffers["num_batches_tracked"]
         num_batches.add_(1)
-        factor = self.momentum
-        if factor is None:
-            factor = 1.0 / float(num_batches)
+        return 1.0 / float(num_batches) if self.momentum is None else self.momentum
+
+    def _update_running_stats(self, mu: torch.Tensor, sum_sq: torch.Tensor, m: int) -> None:
+        # running_var takes the unbiased batch variance, sum_sq / (m - 1).
+        factor = self._next_running_factor()
+        buffers = self._buffers
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         var = sum_sq * _scalar(1.0 / (m - 1), sum_sq.dtype, sum_sq.device)
         if mu.dtype != running_mean.dtype:  # low-precision input, float32 buffers

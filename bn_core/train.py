@@ -557,13 +557,11 @@ class Trainer:
                 [(mean - x.mean(2)).abs().mean(1), (var - x.var(2)).abs().mean(1)], dim=1
             )
             columns.append((rec.name, have, errors))
-        values = torch.cat([e for *_, e in columns]).tolist() if columns else []
+        values = iter(torch.cat([e for *_, e in columns]).tolist() if columns else [])
         out: dict[int, list] = {}
-        row = 0
         for name, have, _ in columns:
             for v in have:
-                mean_err, var_err = values[row]
-                row += 1
+                mean_err, var_err = next(values)
                 out.setdefault(v, []).extend(
                     [(name, "running_mean_error", mean_err), (name, "running_var_error", var_err)]
                 )

@@ -60,49 +60,38 @@ struct Layout {
 };
 
 // Fills x_hat, y, inv_std, mean and sum_sq (sum of squared deviations) for channels
-// [c0, c1). (N, C) inputs (S = 1) run row by row with the channels innermost, so the
-// compiler vectorizes across channels; (N, C, S) inputs run channel by channel with the
-// S contiguous values innermost.
-template <typename scalar_t>
+// [c0, c1). Each pass runs row by row, n outermost; within a row, channel by channel, with
+// channel c's S contiguous values innermost. kFlat (S = 1, an (N, C) input) makes S a
+// compile-time 1, so the innermost loop vanishes and the compiler vectorizes across the
+// contiguous channels of a row.
+template <typename scalar_t, bool kFlat>
 void forward_block(const Layout& L, int64_t c0, int64_t c1, const scalar_t* x,
                    const scalar_t* gamma, const scalar_t* beta, double eps, scalar_t* x_hat,
                    scalar_t* y, scalar_t* inv_std, scalar_t* mean_out, scalar_t* sum_sq_out,
                    scalar_t* running_mean, scalar_t* running_var, double factor) {
   using acc_t = at::acc_type<scalar_t, false>;
+  const int64_t S = kFlat ? 1 : L.S;
   const int64_t width = c1 - c0;
-  std::vector<acc_t> mu(width, 0), sq(width, 0), scale(width), shift(width);
-  const bool flat = L.S == 1;
+  std::vector<acc_t> mu(width, 0), sq(width, 0), scale(width), shift(width), g(width),
+      b(width);
   // Pass 1: the means.
-  if (flat) {
-    for (int64_t n = 0; n < L.N; ++n) {
-      const scalar_t* row = x + n * L.C + c0;
-      for (int64_t k = 0; k < width; ++k) mu[k] += row[k];
-    }
-  } else for (int64_t n = 0; n < L.N; ++n) {
+  for (int64_t n = 0; n < L.N; ++n) {
     for (int64_t k = 0; k < width; ++k) {
-      const scalar_t* row = x + (n * L.C + c0 + k) * L.S;
+      const scalar_t* row = x + (n * L.C + c0 + k) * S;
       acc_t sum = 0;
-      for (int64_t s = 0; s < L.S; ++s) sum += row[s];
+      for (int64_t s = 0; s < S; ++s) sum += row[s];
       mu[k] += sum;
     }
   }
   for (int64_t k = 0; k < width; ++k) mu[k] /= L.m;
   // Pass 2: squared deviations from the mean. E[x^2] - E[x]^2 would cancel
   // catastrophically when |mean| >> std.
-  if (flat) {
-    for (int64_t n = 0; n < L.N; ++n) {
-      const scalar_t* row = x + n * L.C + c0;
-      for (int64_t k = 0; k < width; ++k) {
-        const acc_t d = acc_t(row[k]) - mu[k];
-        sq[k] += d * d;
-      }
-    }
-  } else for (int64_t n = 0; n < L.N; ++n) {
+  for (int64_t n = 0; n < L.N; ++n) {
     for (int64_t k = 0; k < width; ++k) {
-      const scalar_t* row = x + (n * L.C + c0 + k) * L.S;
+      const scalar_t* row = x + (n * L.C + c0 + k) * S;
       const acc_t m_k = mu[k];
       acc_t sum = 0;
-      for (int64_t s = 0; s < L.S; ++s) {
+      for (int64_t s = 0; s < S; ++s) {
         const acc_t d = acc_t(row[s]) - m_k;
         sum += d * d;
       }
@@ -117,6 +106,8 @@ void forward_block(const Layout& L, int64_t c0, int64_t c1, const scalar_t* x,
     sum_sq_out[c] = scalar_t(sq[k]);
     scale[k] = istd;
     shift[k] = -mu[k] * istd;  // x_hat = x * inv_std - mu * inv_std
+    g[k] = gamma ? acc_t(gamma[c]) : acc_t(1);
+    b[k] = beta ? acc_t(beta[c]) : acc_t(0);
     if (running_mean != nullptr) {
       // running = (1 - f) * running + f * batch; running_var takes the unbiased variance.
       const acc_t f = acc_t(factor);
@@ -125,70 +116,35 @@ void forward_block(const Layout& L, int64_t c0, int64_t c1, const scalar_t* x,
     }
   }
   // Pass 3: x_hat and y = gamma * x_hat + beta.
-  if (flat) {
-    std::vector<acc_t> g(width), b(width);
+  for (int64_t n = 0; n < L.N; ++n) {
     for (int64_t k = 0; k < width; ++k) {
-      g[k] = gamma ? acc_t(gamma[c0 + k]) : acc_t(1);
-      b[k] = beta ? acc_t(beta[c0 + k]) : acc_t(0);
-    }
-    for (int64_t n = 0; n < L.N; ++n) {
-      const int64_t base = n * L.C + c0;
-      for (int64_t k = 0; k < width; ++k) {
-        const acc_t h = acc_t(x[base + k]) * scale[k] + shift[k];
-        x_hat[base + k] = scalar_t(h);
-        y[base + k] = scalar_t(h * g[k] + b[k]);
-      }
-    }
-  } else for (int64_t n = 0; n < L.N; ++n) {
-    for (int64_t k = 0; k < width; ++k) {
-      const int64_t base = (n * L.C + c0 + k) * L.S;
-      const acc_t a = scale[k], d = shift[k];
-      const acc_t g = gamma ? acc_t(gamma[c0 + k]) : acc_t(1);
-      const acc_t b = beta ? acc_t(beta[c0 + k]) : acc_t(0);
-      for (int64_t s = 0; s < L.S; ++s) {
-        const acc_t h = acc_t(x[base + s]) * a + d;
+      const int64_t base = (n * L.C + c0 + k) * S;
+      for (int64_t s = 0; s < S; ++s) {
+        const acc_t h = acc_t(x[base + s]) * scale[k] + shift[k];
         x_hat[base + s] = scalar_t(h);
-        y[base + s] = scalar_t(h * g + b);
+        y[base + s] = scalar_t(h * g[k] + b[k]);
       }
     }
   }
 }
 
-template <typename scalar_t>
-void forward_loops(const Layout& L, const scalar_t* x, const scalar_t* gamma,
-                   const scalar_t* beta, double eps, scalar_t* x_hat, scalar_t* y,
-                   scalar_t* inv_std, scalar_t* mean_out, scalar_t* sum_sq_out,
-                   scalar_t* running_mean, scalar_t* running_var, double factor) {
-  at::parallel_for(0, L.C, channel_grain(L.m), [&](int64_t c0, int64_t c1) {
-    forward_block<scalar_t>(L, c0, c1, x, gamma, beta, eps, x_hat, y, inv_std, mean_out,
-                            sum_sq_out, running_mean, running_var, factor);
-  });
-}
-
-// The per-channel sums that are dbeta and dgamma, then dx (when wanted), for [c0, c1).
-template <typename scalar_t>
+// The per-channel sums that are dbeta and dgamma, then dx (when wanted), for [c0, c1);
+// loops as in forward_block.
+template <typename scalar_t, bool kFlat>
 void backward_block(const Layout& L, int64_t c0, int64_t c1, const scalar_t* dy,
                     const scalar_t* x_hat, const scalar_t* inv_std, const scalar_t* gamma,
                     bool through_stats, scalar_t* dx, scalar_t* sum_dy_out,
                     scalar_t* sum_dy_xhat_out) {
   using acc_t = at::acc_type<scalar_t, false>;
+  const int64_t S = kFlat ? 1 : L.S;
   const int64_t width = c1 - c0;
   std::vector<acc_t> sum_dy(width, 0), sum_dy_xhat(width, 0), scale(width), a(width),
       b(width);
-  const bool flat = L.S == 1;
-  if (flat) {
-    for (int64_t n = 0; n < L.N; ++n) {
-      const int64_t base = n * L.C + c0;
-      for (int64_t k = 0; k < width; ++k) {
-        sum_dy[k] += dy[base + k];
-        sum_dy_xhat[k] += acc_t(dy[base + k]) * acc_t(x_hat[base + k]);
-      }
-    }
-  } else for (int64_t n = 0; n < L.N; ++n) {
+  for (int64_t n = 0; n < L.N; ++n) {
     for (int64_t k = 0; k < width; ++k) {
-      const int64_t base = (n * L.C + c0 + k) * L.S;
+      const int64_t base = (n * L.C + c0 + k) * S;
       acc_t s1 = 0, s2 = 0;
-      for (int64_t s = 0; s < L.S; ++s) {
+      for (int64_t s = 0; s < S; ++s) {
         s1 += dy[base + s];
         s2 += acc_t(dy[base + s]) * acc_t(x_hat[base + s]);
       }
@@ -210,24 +166,27 @@ void backward_block(const Layout& L, int64_t c0, int64_t c1, const scalar_t* dy,
     a[k] = through_stats ? sum_dy[k] / L.m : acc_t(0);
     b[k] = through_stats ? sum_dy_xhat[k] / L.m : acc_t(0);
   }
-  if (flat) {
-    for (int64_t n = 0; n < L.N; ++n) {
-      const int64_t base = n * L.C + c0;
-      for (int64_t k = 0; k < width; ++k) {
-        dx[base + k] = scalar_t(
-            scale[k] * (acc_t(dy[base + k]) - a[k] - acc_t(x_hat[base + k]) * b[k]));
-      }
-    }
-  } else for (int64_t n = 0; n < L.N; ++n) {
+  for (int64_t n = 0; n < L.N; ++n) {
     for (int64_t k = 0; k < width; ++k) {
-      const int64_t base = (n * L.C + c0 + k) * L.S;
-      const acc_t sc = scale[k], mean_dy = a[k], mean_dy_xhat = b[k];
-      for (int64_t s = 0; s < L.S; ++s) {
+      const int64_t base = (n * L.C + c0 + k) * S;
+      for (int64_t s = 0; s < S; ++s) {
         dx[base + s] = scalar_t(
-            sc * (acc_t(dy[base + s]) - mean_dy - acc_t(x_hat[base + s]) * mean_dy_xhat));
+            scale[k] * (acc_t(dy[base + s]) - a[k] - acc_t(x_hat[base + s]) * b[k]));
       }
     }
   }
+}
+
+template <typename scalar_t>
+void forward_loops(const Layout& L, const scalar_t* x, const scalar_t* gamma,
+                   const scalar_t* beta, double eps, scalar_t* x_hat, scalar_t* y,
+                   scalar_t* inv_std, scalar_t* mean_out, scalar_t* sum_sq_out,
+                   scalar_t* running_mean, scalar_t* running_var, double factor) {
+  at::parallel_for(0, L.C, channel_grain(L.m), [&](int64_t c0, int64_t c1) {
+    auto block = L.S == 1 ? forward_block<scalar_t, true> : forward_block<scalar_t, false>;
+    block(L, c0, c1, x, gamma, beta, eps, x_hat, y, inv_std, mean_out, sum_sq_out,
+          running_mean, running_var, factor);
+  });
 }
 
 template <typename scalar_t>
@@ -235,8 +194,9 @@ void backward_loops(const Layout& L, const scalar_t* dy, const scalar_t* x_hat,
                     const scalar_t* inv_std, const scalar_t* gamma, bool through_stats,
                     scalar_t* dx, scalar_t* sum_dy_out, scalar_t* sum_dy_xhat_out) {
   at::parallel_for(0, L.C, channel_grain(L.m), [&](int64_t c0, int64_t c1) {
-    backward_block<scalar_t>(L, c0, c1, dy, x_hat, inv_std, gamma, through_stats, dx,
-                             sum_dy_out, sum_dy_xhat_out);
+    auto block = L.S == 1 ? backward_block<scalar_t, true> : backward_block<scalar_t, false>;
+    block(L, c0, c1, dy, x_hat, inv_std, gamma, through_stats, dx, sum_dy_out,
+          sum_dy_xhat_out);
   });
 }
 
