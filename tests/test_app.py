@@ -3,11 +3,11 @@ Step/Play/Reset, live-change markers, bad set-ups and per-session trainers."""
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 import torch
+from chart_elements import figure_specs
 from streamlit.testing.v1 import AppTest
 
 from bn_core import BatchNorm, figures
@@ -64,11 +64,9 @@ def charts(at: AppTest) -> dict[str, dict]:
 
     ui.charts.show_chart keys each chart "chart_live_<name>" (bn_core.figures.CHARTS keys).
     """
-    out = {}
-    for el in at.get("plotly_chart"):
-        name = el.proto.id.rpartition("-chart_live_")[2]
-        assert name in figures.CHARTS, el.proto.id
-        out[name] = json.loads(el.proto.spec)
+    out = figure_specs(at, "chart_live_")
+    for name in out:
+        assert name in figures.CHARTS, name
     return out
 
 

@@ -49,6 +49,16 @@ SETTLED_JS = f"""() => {{
         && (edge.left >= 0 || edge.right <= 0)
         && sidebar.getAnimations({{subtree: true}}).length === 0;
 }}"""
+# Chart titles and subtitles that run past their chart's right edge (plotly never wraps
+# them; ui/plotly_react.js breaks them into lines that fit).
+TITLES_OVERFLOWING_JS = f"""() => {VISIBLE_PLOTS_JS}.flatMap(p => {{
+    const right = p.getBoundingClientRect().right;
+    return Array.from(p.querySelectorAll('.gtitle, .gtitle-subtitle'))
+        .filter(t => t.getBoundingClientRect().right > right + 1)
+        .map(t => t.textContent);
+}})"""
+# How many times each chart on screen has been drawn (ui/plotly_react.js counts them).
+CHART_DRAWS_JS = f"() => {VISIBLE_PLOTS_JS}.map(p => Number(p.dataset.draws || 0))"
 NEXT_FRAME_JS = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
 # Count status-line changes (one per fragment rerun while playing) with a MutationObserver,
 # so none is missed when the page is too busy for timers; every 50 ms also sample whether a
@@ -192,6 +202,7 @@ def test_play_live_lr_change_pause(server, browser, page, artifacts_dir):
     # A measuring window: fragment reruns (status-line changes), frames and bytes.
     window = 5.0
     before = page.evaluate("({...window.__watch})")
+    draws_before = page.evaluate(CHART_DRAWS_JS)
     step_before, frames_before, start = read_step(page), len(frames), time.monotonic()
     page.wait_for_timeout(window * 1000)
     elapsed = time.monotonic() - start
@@ -201,6 +212,8 @@ def test_play_live_lr_change_pause(server, browser, page, artifacts_dir):
     window_frames = frames[frames_before:]
     metrics["window_s"] = round(elapsed, 2)
     metrics["redraws_per_s"] = round(changes / elapsed, 2)
+    draws = [n - b for n, b in zip(page.evaluate(CHART_DRAWS_JS), draws_before, strict=True)]
+    metrics["chart_draws_per_s"] = [round(n / elapsed, 2) for n in draws]
     metrics["steps_per_s_seen"] = round((read_step(page) - step_before) / elapsed, 1)
     metrics["ws_frames_per_s"] = round(len(window_frames) / elapsed, 1)
     metrics["ws_kbytes_per_s"] = round(sum(n for _, n in window_frames) / elapsed / 1000, 1)
@@ -211,6 +224,8 @@ def test_play_live_lr_change_pause(server, browser, page, artifacts_dir):
     metrics["watch_samples_per_s"] = round(samples / elapsed, 1)  # 20 if the page keeps up
     metrics["load_average_after"] = round(os.getloadavg()[0], 1)
     assert changes > 0, "the status line never changed while playing"
+    # Redrawn in place (Plotly.react), not built anew at every tick.
+    assert metrics["chart_mounts_per_s"] == 0, metrics
 
     # Move the learning rate live: two steps right on its log grid (0.5 -> 1 -> 2).
     slider = page.locator('[data-testid="stSidebar"]').get_by_role("slider", name="Learning rate")
@@ -242,6 +257,7 @@ def test_play_live_lr_change_pause(server, browser, page, artifacts_dir):
     # Screenshots of the paused run; the narrow one from a phone-sized window of its own
     # (a new session, whose sidebar starts folded away), played for a while and paused.
     screenshots(page, artifacts_dir, "live_desktop_1400x1000", 1400, 1000)
+    assert page.evaluate(TITLES_OVERFLOWING_JS) == []
     phone = browser.new_context(viewport={"width": 420, "height": 900}).new_page()
     phone.set_default_timeout(WAIT_MS)
     open_app(phone, server)
@@ -250,6 +266,7 @@ def test_play_live_lr_change_pause(server, browser, page, artifacts_dir):
     wait_for(lambda: read_step(phone) >= 50)
     pause_clicks.append(press_pause(phone)[0])
     screenshots(phone, artifacts_dir, "live_narrow_420x900", 420, 900)
+    assert phone.evaluate(TITLES_OVERFLOWING_JS) == []
     phone.locator('[data-testid="stExpandSidebarButton"]').click()
     phone_slider = phone.locator('[data-testid="stSidebar"]').get_by_role("slider")
     phone_slider.first.wait_for()

@@ -4,12 +4,12 @@ they render, their widgets move the numbers they should, and heavy runs stay in 
 from __future__ import annotations
 
 import base64
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from chart_elements import figure_specs
 from streamlit.testing.v1 import AppTest
 
 from bn_core.experiments.blowup import run_blowup
@@ -55,11 +55,7 @@ def inside_page(app_path) -> AppTest:
 
 def charts(at: AppTest, page: str) -> dict[str, dict]:
     """Plotly figures on the page by chart key (ui.charts keys them "chart_<page>_<key>")."""
-    out = {}
-    for el in at.get("plotly_chart"):
-        name = el.proto.id.rpartition(f"chart_{page}_")[2]
-        out[name] = json.loads(el.proto.spec)
-    return out
+    return figure_specs(at, f"chart_{page}_")
 
 
 def metric(at: AppTest, label: str) -> str:

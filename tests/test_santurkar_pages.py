@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import pytest
+from chart_elements import figure_specs
 from streamlit.testing.v1 import AppTest
 
 from bn_core.experiments.charts import EXPERIMENT_CHARTS
@@ -52,11 +53,7 @@ def sweep_page(app_path) -> AppTest:
 
 def charts(at: AppTest, page: str) -> dict[str, dict]:
     """Plotly figures on the page by chart key (ui.charts keys them "chart_<page>_<key>")."""
-    out = {}
-    for el in at.get("plotly_chart"):
-        name = el.proto.id.rpartition(f"chart_{page}_")[2]
-        out[name] = json.loads(el.proto.spec)
-    return out
+    return figure_specs(at, f"chart_{page}_")
 
 
 def button(at: AppTest, label: str):

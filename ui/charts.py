@@ -2,14 +2,58 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+import shutil
+from pathlib import Path
 
+import plotly
 import plotly.graph_objects as go
+import plotly.io as pio
 import streamlit as st
 
 from bn_core import figures
 from bn_core.experiments.charts import EXPERIMENT_CHARTS
 from bn_core.train import Trainer
+
+# Streamlit serves this folder at app/static/ (server.enableStaticServing in
+# .streamlit/config.toml); plotly.js is copied into it from the installed plotly package.
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+PLOTLY_JS = f"plotly-{plotly.__version__}.min.js"
+
+
+@functools.cache
+def _react_chart():
+    """The chart component, registered on first use (inside a script run, where Streamlit
+    expects it; the mount re-registers it on each new runtime, as AppTest makes)."""
+    return st.components.v2.component(
+        "bnlab_react_chart",
+        js=Path(__file__).with_name("plotly_react.js").read_text(),
+        # In the page's own DOM, not a shadow root: plotly.js puts its styles in the head.
+        isolate_styles=False,
+    )
+
+
+@functools.cache
+def plotly_js_src() -> str | None:
+    """Where the browser loads plotly.js from, or None when it cannot be served.
+
+    The copy is made once per server process (atomically, as sessions start in threads).
+    Without it, or when the server does not serve static/ (a server started with another
+    config), charts fall back to st.plotly_chart, which works but redraws slowly.
+    """
+    target = STATIC_DIR / PLOTLY_JS
+    if not target.is_file():
+        source = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+        partial = target.with_name(f"{target.name}.{os.getpid()}.part")
+        try:
+            STATIC_DIR.mkdir(exist_ok=True)
+            shutil.copyfile(source, partial)
+            os.replace(partial, target)
+        except OSError:
+            return None
+    return f"app/static/{PLOTLY_JS}"
 
 
 def chart_filename(page: str, chart: str, trainer: Trainer | None) -> str:
@@ -37,7 +81,15 @@ def show_chart(
             "filename": chart_filename(page, chart, trainer),
         },
     }
-    st.plotly_chart(fig, key=f"chart_{page}_{chart}", config=config)
+    key = f"chart_{page}_{chart}"
+    src = plotly_js_src() if st.get_option("server.enableStaticServing") else None
+    if src is None:
+        st.plotly_chart(fig, key=key, config=config)
+    else:
+        # A keyed component keeps its place from tick to tick, so the browser updates the
+        # chart in place (Plotly.react) instead of building it anew.
+        figure = pio.to_json(fig, validate=False)
+        _react_chart()(key=key, data={"figure": figure, "config": config, "src": src})
     # Run charts and teaching-experiment charts keep their captions in separate registries.
     info = figures.CHARTS.get(chart) or EXPERIMENT_CHARTS.get(chart)
     if info is not None:
