@@ -3,7 +3,9 @@ Step/Play/Reset, live-change markers, bad set-ups and per-session trainers."""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,3 +284,56 @@ def test_device_help_names_the_batchnorm_kernel_that_runs(at):
     assert "BatchNorm layers run on the compiled C++ kernel" in help_text
     x = torch.randn(4, 3, requires_grad=True)
     assert "CppNode" in BatchNorm(3)(x).grad_fn.name()
+
+
+# --- how charts reach the browser ---------------------------------------------------------
+@pytest.fixture
+def fresh_static(tmp_path, monkeypatch):
+    """ui.charts copying plotly.js into an empty static folder of the test's own."""
+    from ui import charts as ui_charts
+
+    monkeypatch.setattr(ui_charts, "STATIC_DIR", tmp_path / "static")
+    ui_charts.plotly_js_src.cache_clear()
+    yield ui_charts
+    ui_charts.plotly_js_src.cache_clear()
+
+
+def test_plotly_js_is_copied_once_into_the_static_folder(fresh_static):
+    import plotly
+
+    src = fresh_static.plotly_js_src()
+    copied = fresh_static.STATIC_DIR / fresh_static.PLOTLY_JS
+    assert src == f"app/static/{fresh_static.PLOTLY_JS}"
+    package_js = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    assert copied.read_bytes() == package_js.read_bytes()
+    assert [p.name for p in fresh_static.STATIC_DIR.iterdir()] == [copied.name]  # no .part
+
+
+def test_plotly_js_that_cannot_be_copied_means_no_src(fresh_static):
+    fresh_static.STATIC_DIR.parent.mkdir(parents=True, exist_ok=True)
+    fresh_static.STATIC_DIR.write_text("a file where the folder should be")
+    assert fresh_static.plotly_js_src() is None
+
+
+def test_charts_update_in_place_through_the_chart_component(at):
+    # Keyed, so the browser keeps one chart per key and redraws it with Plotly.react.
+    components = list(at.get("bidi_component"))
+    keys = sorted(el.proto.id.rpartition("-")[2] for el in components)
+    assert keys == ["chart_live_loss_accuracy", "chart_live_percentile_bands"]
+    assert not at.get("plotly_chart")
+    data = json.loads(components[0].proto.json)
+    assert data["src"].startswith("app/static/plotly-")
+    assert data["config"]["toImageButtonOptions"]["scale"] == 3
+
+
+def test_without_static_serving_charts_fall_back_to_st_plotly_chart(app_path):
+    from streamlit import config
+
+    assert config.get_option("server.enableStaticServing")  # .streamlit/config.toml
+    config.set_option("server.enableStaticServing", False)
+    try:
+        at = run(AppTest.from_file(str(app_path), default_timeout=60))
+    finally:
+        config.set_option("server.enableStaticServing", True)
+    assert not at.get("bidi_component")
+    assert sorted(charts(at)) == ["loss_accuracy", "percentile_bands"]

@@ -94,6 +94,7 @@ async function drawLatest(gd) {
   gd.__busy = true;
   try {
     const Plotly = await loadPlotly(gd.__src);
+    if (gd.hasAttribute("data-error")) gd.textContent = ""; // drop the last failure's message
     while (gd.__pending) {
       gd.__pending = false;
       const width = gd.clientWidth;
