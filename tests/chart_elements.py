@@ -24,3 +24,8 @@ def figure_specs(at: AppTest, prefix: str) -> dict[str, dict]:
         if prefix in el.proto.id:
             out[el.proto.id.rpartition(prefix)[2]] = json.loads(el.proto.spec)
     return out
+
+
+def page_charts(at: AppTest, page: str) -> dict[str, dict]:
+    """Plotly figures on a page by chart key (ui.charts keys them "chart_<page>_<key>")."""
+    return figure_specs(at, f"chart_{page}_")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -301,12 +302,22 @@ def fresh_static(tmp_path, monkeypatch):
 def test_plotly_js_is_copied_once_into_the_static_folder(fresh_static):
     import plotly
 
-    src = fresh_static.plotly_js_src()
+    stale = fresh_static.STATIC_DIR / "plotly-0.0.1.min.js"  # an older plotly's copy
+    stale.parent.mkdir(parents=True)
+    stale.write_text("old")
+    # Sessions start in threads of their own: all of them starting at once get the copy.
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: fresh_static.plotly_js_src(), range(8)))
+    assert answers == [f"app/static/{fresh_static.PLOTLY_JS}"] * 8
     copied = fresh_static.STATIC_DIR / fresh_static.PLOTLY_JS
-    assert src == f"app/static/{fresh_static.PLOTLY_JS}"
     package_js = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
     assert copied.read_bytes() == package_js.read_bytes()
-    assert [p.name for p in fresh_static.STATIC_DIR.iterdir()] == [copied.name]  # no .part
+    # Nothing else is served from there: no temporary file, no older version.
+    assert [p.name for p in fresh_static.STATIC_DIR.iterdir()] == [copied.name]
+    copied_at = copied.stat().st_mtime_ns
+    fresh_static.plotly_js_src.cache_clear()  # a new server process: the copy is reused
+    assert fresh_static.plotly_js_src() == answers[0]
+    assert copied.stat().st_mtime_ns == copied_at
 
 
 def test_plotly_js_that_cannot_be_copied_means_no_src(fresh_static):

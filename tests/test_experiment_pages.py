@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from chart_elements import figure_specs
+from chart_elements import page_charts
 from streamlit.testing.v1 import AppTest
 
 from bn_core.experiments.blowup import run_blowup
@@ -53,11 +53,6 @@ def inside_page(app_path) -> AppTest:
     return open_page(app_path, INSIDE)
 
 
-def charts(at: AppTest, page: str) -> dict[str, dict]:
-    """Plotly figures on the page by chart key (ui.charts keys them "chart_<page>_<key>")."""
-    return figure_specs(at, f"chart_{page}_")
-
-
 def metric(at: AppTest, label: str) -> str:
     found = [m.value for m in at.metric if m.label == label]
     assert len(found) == 1, f"metric {label!r}: {[m.label for m in at.metric]}"
@@ -98,7 +93,7 @@ def trace_data(fig: dict, name: str, field: str = "y") -> np.ndarray:
 def test_blowup_page_renders_with_captions(blowup_page):
     at = blowup_page
     assert at.title[0].value == "Bias blow-up"
-    shown = charts(at, "blowup")
+    shown = page_charts(at, "blowup")
     assert sorted(shown) == ["blowup_bias", "blowup_loss"]
     for key in shown:
         assert EXPERIMENT_CHARTS[key].caption in captions(at)
@@ -115,7 +110,7 @@ def test_lr_slider_moves_the_slope_proportionally(blowup_page):
     run(at.select_slider(key="bb_lr").set_value(1.0))
     assert float(metric(at, "Measured slope of b")) == pytest.approx(10 * slope, rel=1e-9)
     assert metric_starting(at, "Predicted") == pytest.approx(10 * predicted, rel=1e-9)
-    naive = trace_data(charts(at, "blowup")["blowup_bias"], "naive (μ_B held constant)")
+    naive = trace_data(page_charts(at, "blowup")["blowup_bias"], "naive (μ_B held constant)")
     expected = run_blowup(steps=200, lr=1.0).bias_naive
     np.testing.assert_allclose(naive, expected, rtol=1e-12)
     # The loss never moves, and the page says how little.
@@ -140,7 +135,7 @@ def test_network_button_trains_once_and_keeps_the_result(blowup_page):
     run(button(at, "Train both nets").click())
     net = at.session_state.bb_network
     assert len(net.steps) == 20
-    shown = charts(at, "blowup")
+    shown = page_charts(at, "blowup")
     for key in ("network_bias_norms", "network_bias_grads", "network_loss_accuracy"):
         assert key in shown
         assert EXPERIMENT_CHARTS[key].caption in captions(at)
@@ -149,7 +144,7 @@ def test_network_button_trains_once_and_keeps_the_result(blowup_page):
     # Another widget reruns the page without training again.
     run(at.select_slider(key="bb_lr").set_value(0.5))
     assert at.session_state.bb_network is net
-    assert "network_bias_grads" in charts(at, "blowup")
+    assert "network_bias_grads" in page_charts(at, "blowup")
 
 
 # --- inside BN ---------------------------------------------------------------------------
@@ -159,7 +154,7 @@ def test_every_inside_section_renders(inside_page):
     assert at.button_group(key="ib_section").options == list(SECTIONS)
     for section, keys in SECTIONS.items():
         run(at.button_group(key="ib_section").set_value(section))
-        assert sorted(charts(at, "inside")) == sorted(keys), section
+        assert sorted(page_charts(at, "inside")) == sorted(keys), section
         for key in keys:
             assert EXPERIMENT_CHARTS[key].caption in captions(at)
         assert not at.error, section
@@ -183,7 +178,7 @@ def test_gamma_and_beta_act_live(inside_page):
     at = inside_page
     run(at.slider(key="ib_gamma").set_value(2.0))
     run(at.slider(key="ib_beta").set_value(-1.0))
-    fig = charts(at, "inside")["bn_stages"]
+    fig = page_charts(at, "inside")["bn_stages"]
     x_hat = trace_data(fig, "normalized x̂", "x")
     y = trace_data(fig, "output y", "x")
     np.testing.assert_allclose(y, 2.0 * x_hat - 1.0, rtol=1e-12, atol=1e-12)
@@ -219,7 +214,7 @@ def test_inside_page_alone_falls_back_to_a_synthetic_batch(app_path):
     at = run(AppTest.from_file(str(app_path.parent / INSIDE), default_timeout=60))
     run(at.radio(key="ib_source").set_value("A layer of the current run"))
     assert any("Live training" in i.value for i in at.info)
-    assert "bn_stages" in charts(at, "inside")
+    assert "bn_stages" in page_charts(at, "inside")
 
 
 def test_scale_slider_updates_the_metrics(inside_page):
@@ -239,5 +234,5 @@ def test_placement_button_trains_both_placements(inside_page):
     run(at.slider(key="ib_place_steps").set_value(50))
     run(button(at, "Train both placements").click())
     assert set(at.session_state.ib_placement) == {"before", "after"}
-    assert "placement" in charts(at, "inside")
+    assert "placement" in page_charts(at, "inside")
     assert not at.error

@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 import pytest
-from chart_elements import figure_specs
+from chart_elements import page_charts
 from streamlit.testing.v1 import AppTest
 
 from bn_core.experiments.charts import EXPERIMENT_CHARTS
@@ -49,11 +49,6 @@ def ics_page(app_path) -> AppTest:
 @pytest.fixture
 def sweep_page(app_path) -> AppTest:
     return open_page(app_path, SWEEP)
-
-
-def charts(at: AppTest, page: str) -> dict[str, dict]:
-    """Plotly figures on the page by chart key (ui.charts keys them "chart_<page>_<key>")."""
-    return figure_specs(at, f"chart_{page}_")
 
 
 def button(at: AppTest, label: str):
@@ -131,7 +126,7 @@ def test_ics_page_renders_paused_at_step_zero(ics_page):
     assert at.button(key="ics_play").label == "Play"
     assert "Restart" in [b.label for b in at.button]
     assert progress_text(at).startswith("step 0 · paused · ")
-    assert sorted(charts(at, "ics")) == sorted(ICS_CHARTS)
+    assert sorted(page_charts(at, "ics")) == sorted(ICS_CHARTS)
     for key in ICS_CHARTS:
         assert CHARTS[key].caption in captions(at), key
     keys = [w.key for w in at.sidebar.number_input]
@@ -146,7 +141,7 @@ def test_play_trains_and_draws_ics_and_landscape_for_every_variant(ics_page):
     assert ics_step(at) == trainer.step
     assert at.button(key="ics_play").label == "Pause"
     assert not at.error
-    shown = charts(at, "ics")
+    shown = page_charts(at, "ics")
     for key in ("ics_l2", "ics_cos", "landscape"):
         assert key in shown, f"{key} not among {list(shown)}"
         counts = points_per_variant(shown[key])
@@ -188,11 +183,11 @@ def test_ics_off_shows_a_note_instead_of_the_ics_charts(ics_page):
     run(button(at, "Restart").click())
     assert at.session_state.ics_trainer.config.ics_every == 0
     assert any(i.value.startswith("ICS measurement is off") for i in at.info)
-    shown = charts(at, "ics")
+    shown = page_charts(at, "ics")
     assert "ics_l2" not in shown and "ics_cos" not in shown
     assert "landscape" in shown
     at = play(at, reruns=1)
-    assert "ics_l2" not in charts(at, "ics")
+    assert "ics_l2" not in page_charts(at, "ics")
     santurkar = claims(at)["Santurkar et al."]
     ics_row = santurkar[santurkar["measure"].str.startswith("ICS")].iloc[0]
     assert all(ics_row[v] == "–" for v in VARIANTS), ics_row
@@ -200,7 +195,7 @@ def test_ics_off_shows_a_note_instead_of_the_ics_charts(ics_page):
     run(at.number_input(key="ics_w_landscape_every").set_value(0))
     run(button(at, "Restart").click())
     assert any(i.value.startswith("Landscape probes are off") for i in at.info)
-    assert sorted(charts(at, "ics")) == ["loss_accuracy", "percentile_bands"]
+    assert sorted(page_charts(at, "ics")) == ["loss_accuracy", "percentile_bands"]
     assert not at.error
 
 
@@ -271,7 +266,7 @@ def test_sweep_page_waits_for_start(sweep_page):
     assert any("press **Start sweep**" in i.value for i in at.info)
     assert "sweep" not in at.session_state and not at.session_state.sweep_running
     assert not button(at, "Start sweep").disabled and button(at, "Stop").disabled
-    assert not charts(at, "sweep") and not at.dataframe and not at.get("progress")
+    assert not page_charts(at, "sweep") and not at.dataframe and not at.get("progress")
 
 
 def test_sweep_runs_to_the_end(sweep_page):
@@ -304,7 +299,7 @@ def test_sweep_runs_to_the_end(sweep_page):
 
     labels = [m.label for m in at.metric]
     assert labels == ["Usable learning rates, plain", "Usable learning rates, batchnorm"]
-    fig = charts(at, "sweep")["lr_sweep"]
+    fig = page_charts(at, "sweep")["lr_sweep"]
     lines = [t for t in fig["data"] if t.get("mode") == "lines+markers"]
     assert sorted({t["name"] for t in lines}) == ["batchnorm", "plain"]
     legend = [t["name"] for t in lines if t.get("showlegend", True)]

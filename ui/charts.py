@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import shutil
+import tempfile
+import threading
 from pathlib import Path
 
 import plotly
@@ -35,24 +38,41 @@ def _react_chart():
     )
 
 
+_COPY_LOCK = threading.Lock()  # sessions start in threads of their own
+
+
 @functools.cache
 def plotly_js_src() -> str | None:
     """Where the browser loads plotly.js from, or None when it cannot be served.
 
-    The copy is made once per server process (atomically, as sessions start in threads).
-    Without it, or when the server does not serve static/ (a server started with another
-    config), charts fall back to st.plotly_chart, which works but redraws slowly.
+    The first chart drawn copies plotly.js into static/ (once per server process; the
+    answer is kept). Without the copy, or when the server does not serve static/ (one
+    started with another config), charts fall back to st.plotly_chart, which works but
+    redraws slowly.
     """
-    target = STATIC_DIR / PLOTLY_JS
-    if not target.is_file():
-        source = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-        partial = target.with_name(f"{target.name}.{os.getpid()}.part")
-        try:
-            STATIC_DIR.mkdir(exist_ok=True)
-            shutil.copyfile(source, partial)
-            os.replace(partial, target)
-        except OSError:
-            return None
+    with _COPY_LOCK:
+        target = STATIC_DIR / PLOTLY_JS
+        if not target.is_file():
+            source = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+            try:
+                STATIC_DIR.mkdir(exist_ok=True)
+                # Written under a temporary name and renamed, so no server process (several
+                # may share the folder) ever serves half a file.
+                fd, partial = tempfile.mkstemp(dir=STATIC_DIR, suffix=".part")
+                os.close(fd)
+                try:
+                    shutil.copyfile(source, partial)
+                    os.replace(partial, target)
+                finally:
+                    Path(partial).unlink(missing_ok=True)
+            except OSError:
+                if not target.is_file():  # another process may have won the race
+                    return None
+        # What static/ serves is this copy alone: older plotly versions' copies go.
+        for old in STATIC_DIR.glob("plotly-*.min.js"):
+            if old != target:
+                with contextlib.suppress(OSError):  # kept is harmless, just unused
+                    old.unlink()
     return f"app/static/{PLOTLY_JS}"
 
 

@@ -17,6 +17,7 @@ function loadPlotly(src) {
       script.src = src;
       script.onload = () => resolve(window.Plotly);
       script.onerror = () => {
+        script.remove();
         delete loading[src]; // a later tick may try again
         reject(new Error(`plotly.js did not load from ${src}`));
       };
@@ -29,6 +30,9 @@ function loadPlotly(src) {
 // plotly.js's default font, which the figures keep.
 const FONT = '"Open Sans", verdana, arial, sans-serif';
 const LINE = 1.3; // line height, in font sizes
+const MULTILINE_SHIFT = 0.65; // see fitTitles; measured in Chromium against a one-line title
+// The chart's height until plotly.js has drawn it (plotly's own default).
+const DEFAULT_HEIGHT = 450;
 let measure = null;
 
 function textWidth(text, size) {
@@ -57,7 +61,7 @@ function wrapWords(text, size, room) {
 // Plotly never wraps a title, so on a narrow screen a long one ran off the chart. Break the
 // title and subtitle into lines that fit, and grow the top margin and the chart's height
 // by the lines added, so the panels keep their size and the legend moves down with them.
-export function fitTitles(figure, width) {
+function fitTitles(figure, width) {
   const layout = figure.layout;
   const title = layout.title;
   if (!title || !title.text || !layout.height || !layout.margin || !width) return figure;
@@ -77,9 +81,9 @@ export function fitTitles(figure, width) {
   title.text = titleLines.join("<br>");
   if (subtitle.text) subtitle.text = subtitleLines.join("<br>");
   if (title.yref === "container" && typeof title.y === "number") {
-    // Plotly anchors a title of several lines by its last line: move it down by the lines
-    // added, so the first line stays where a one-line title starts.
-    const down = LINE * titleSize * (titleLines.length - 1);
+    // Plotly drops the top anchor's shift (about 0.7 em) from a title of several lines,
+    // so its first line would start above the chart's edge: move it down by that much.
+    const down = titleLines.length > 1 ? MULTILINE_SHIFT * titleSize : 0;
     title.y = 1 - ((1 - title.y) * before + down) / layout.height;
   }
   const legend = layout.legend;
@@ -94,22 +98,21 @@ async function drawLatest(gd) {
   gd.__busy = true;
   try {
     const Plotly = await loadPlotly(gd.__src);
-    if (gd.hasAttribute("data-error")) gd.textContent = ""; // drop the last failure's message
     while (gd.__pending) {
       gd.__pending = false;
       const width = gd.clientWidth;
       const figure = fitTitles(JSON.parse(gd.__figure), width);
       figure.layout.autosize = true;
       delete figure.layout.width;
-      gd.style.minHeight = `${figure.layout.height || 450}px`;
+      gd.style.minHeight = `${figure.layout.height || DEFAULT_HEIGHT}px`;
       await Plotly.react(gd, figure.data, figure.layout, gd.__config);
       gd.__drawnWidth = width;
       gd.dataset.draws = Number(gd.dataset.draws || 0) + 1; // read by the browser tests
     }
-    gd.removeAttribute("data-error");
+    gd.__message.textContent = "";
   } catch (err) {
-    gd.setAttribute("data-error", String(err));
-    gd.textContent = `This chart could not be drawn: ${err.message}`;
+    // Said next to the chart, whose own elements plotly.js must find intact next time.
+    gd.__message.textContent = `This chart could not be drawn: ${err.message}`;
   } finally {
     gd.__busy = false;
   }
@@ -126,7 +129,10 @@ export default function ({ parentElement, data }) {
     gd = document.createElement("div");
     gd.className = "bnlab-chart";
     gd.style.width = "100%";
-    parentElement.appendChild(gd);
+    gd.__message = document.createElement("p");
+    gd.__message.className = "bnlab-chart-error";
+    gd.__message.style.margin = "0"; // no room taken while there is nothing to say
+    parentElement.append(gd.__message, gd);
     // Streamlit's sidebar and columns change a chart's width without a window resize, and a
     // new width may need the title wrapped differently.
     gd.__resize = new ResizeObserver(() => {
@@ -139,7 +145,7 @@ export default function ({ parentElement, data }) {
   gd.__src = data.src;
   if (!gd.__drawnWidth) {
     // Hold the chart's height before plotly.js arrives, so the page does not jump.
-    gd.style.minHeight = `${JSON.parse(data.figure).layout.height || 450}px`;
+    gd.style.minHeight = `${JSON.parse(data.figure).layout.height || DEFAULT_HEIGHT}px`;
   }
   redraw(gd);
   return () => {
