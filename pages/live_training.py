@@ -12,7 +12,7 @@ from ui.export_panel import export_panel
 # The browser asks for a tick every TICK_SECONDS (a request that comes while a tick runs
 # waits for it, then starts at once). A tick trains TRAIN_SECONDS and then draws, about
 # 0.2 s in all, so ticks follow each other closely and the browser still has a moment
-# between them to handle a click on Pause: at most 4 redraws a second, 3.4-4.2 measured
+# between them to handle a click on Pause: at most 4 redraws a second, 2.8-4.2 measured
 # with server and browser on one 2-core machine (tests/test_browser.py).
 TICK_SECONDS = 0.25
 TRAIN_SECONDS = 0.1  # training per tick (alone on the server), leaving the rest for drawing
