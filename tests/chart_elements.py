@@ -10,14 +10,14 @@ import json
 
 from streamlit.testing.v1 import AppTest
 
-COMPONENT = "bnlab_react_chart"
+from ui.charts import CHART_COMPONENT
 
 
 def figure_specs(at: AppTest, prefix: str) -> dict[str, dict]:
     """Plotly JSON of each chart whose key starts with ``prefix``, by the rest of the key."""
     out = {}
     for el in at.get("bidi_component"):
-        if el.proto.component_name == COMPONENT and prefix in el.proto.id:
+        if el.proto.component_name == CHART_COMPONENT and prefix in el.proto.id:
             name = el.proto.id.rpartition(prefix)[2]
             out[name] = json.loads(json.loads(el.proto.json)["figure"])
     for el in at.get("plotly_chart"):

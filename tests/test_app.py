@@ -326,8 +326,9 @@ def test_plotly_js_that_cannot_be_copied_means_no_src(fresh_static):
     assert fresh_static.plotly_js_src() is None
 
 
-def test_charts_update_in_place_through_the_chart_component(at):
-    # Keyed, so the browser keeps one chart per key and redraws it with Plotly.react.
+def test_charts_are_keyed_chart_components_with_served_plotly_js(at):
+    # Keyed, so the browser keeps one chart per key and redraws it with Plotly.react (that
+    # it does, with no chart built anew, is checked in Chromium by tests/test_browser.py).
     components = list(at.get("bidi_component"))
     keys = sorted(el.proto.id.rpartition("-")[2] for el in components)
     assert keys == ["chart_live_loss_accuracy", "chart_live_percentile_bands"]

@@ -24,6 +24,7 @@ from bn_core.train import Trainer
 # .streamlit/config.toml); plotly.js is copied into it from the installed plotly package.
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 PLOTLY_JS = f"plotly-{plotly.__version__}.min.js"
+CHART_COMPONENT = "bnlab_react_chart"
 
 
 @functools.cache
@@ -31,7 +32,7 @@ def _react_chart():
     """The chart component, registered on first use (inside a script run, where Streamlit
     expects it; the mount re-registers it on each new runtime, as AppTest makes)."""
     return st.components.v2.component(
-        "bnlab_react_chart",
+        CHART_COMPONENT,
         js=Path(__file__).with_name("plotly_react.js").read_text(),
         # In the page's own DOM, not a shadow root: plotly.js puts its styles in the head.
         isolate_styles=False,
@@ -79,9 +80,9 @@ def plotly_js_src() -> str | None:
 def chart_filename(page: str, chart: str, trainer: Trainer | None) -> str:
     """A file name that says what the figure is: page, chart, and the run's variants.
 
-    Not the step: the chart's config must stay the same from tick to tick, or the
-    browser builds the chart anew at every redraw instead of updating it (the export
-    panel's files do name the step).
+    Not the step: the chart's config must stay the same from tick to tick, or
+    st.plotly_chart (the fallback) builds the chart anew at every redraw instead of
+    updating it (the export panel's files do name the step).
     """
     name = f"bnlab_{page}_{chart}"
     if trainer is not None:
