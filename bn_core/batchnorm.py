@@ -367,6 +367,51 @@ class BatchNorm(nn.Module):
             self._update_running_stats if self.training and self.track_running_stats else None,
         )
 
+    def stacked_op(self):
+        """The compiled lockstep operator when ``forward_variants`` can run, else None.
+
+        It needs this exact class (subclasses change ``forward``), batch statistics
+        (training mode), and the compiled kernel.
+        """
+        if type(self) is not BatchNorm or not self.training:
+            return None
+        if _compiled_op(self.kernel or _default_kernel) is None:
+            return None
+        return native.load_stacked()
+
+    def forward_variants(self, h: torch.Tensor, start: int, stop: int, op) -> torch.Tensor:
+        """Normalize variants [start, stop) of a lockstep (V, N, C) activation, in place in
+        that layout; the other variants pass through. ``op`` is ``stacked_op()``.
+
+        This layer then has (stop - start) * C features, variant v's channel c being
+        feature (v - start) * C + c: the same numbers as ``forward`` on the run's slice
+        permuted to (N, (stop - start) * C), without the copies.
+        """
+        if h.dim() != 3 or (stop - start) * h.shape[2] != self.num_features:
+            raise ValueError(
+                f"BatchNorm input has shape {tuple(h.shape)}: expected (V, N, C) where "
+                f"variants [{start}, {stop}) hold its {self.num_features} features"
+            )
+        params, buffers = self._parameters, self._buffers
+        if self.track_running_stats:
+            factor = self._next_running_factor()
+            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        else:
+            running_mean = running_var = None
+            factor = 0.0
+        return op(
+            h,
+            params["weight"],
+            params["bias"],
+            running_mean,
+            running_var,
+            start,
+            stop,
+            self.eps,
+            factor,
+            self.grad_through_stats,
+        )
+
     def _next_running_factor(self) -> float:
         """Count this batch and return f for running = (1 - f) * running + f * batch.
 

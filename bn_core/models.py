@@ -149,11 +149,21 @@ class _NormGroups(nn.Module):
             ]
         )
         # The module that normalizes each run, None for the plain ones.
+        # Only our own BatchNorm has the lockstep form (torch's and the noisy one do not).
+        self._all_ours = all(type(bn) is BatchNorm for bn in self.groups)
         modules = iter(self.groups)
         self._run_modules = [None if norm == "none" else next(modules) for *_, norm in self.runs]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if not self.groups:
+            return h
+        ops = [bn.stacked_op() for bn in self.groups] if self._all_ours else [None]
+        # (A batch of one takes the path below, whose BatchNorm explains why it cannot train.)
+        if None not in ops and h.shape[1] > 1:
+            # Our BatchNorm, compiled, in training: each run is normalized where it lies in
+            # the (V, N, C) tensor, with no split, permute or concatenation.
+            for bn, op, index in zip(self.groups, ops, self.group_index, strict=True):
+                h = bn.forward_variants(h, index[0], index[-1] + 1, op)
             return h
         V, N, C = h.shape
         pieces = []

@@ -180,6 +180,12 @@ class Trainer:
             config, dataset.input_dim, dataset.num_classes, dataset.image_shape
         ).to(dev)
         self.variant_names = [v.name for v in config.variants]
+        # Every BatchNorm layer (ours and torch's): the modules with running statistics.
+        self._bn_layers = [
+            m
+            for m in self.model.modules()
+            if getattr(m, "running_mean", None) is not None and hasattr(m, "momentum")
+        ]
         self.live = {name: getattr(config, name) for name in LIVE_FIELDS}
         self.status = [VariantStatus(n) for n in self.variant_names]
         self.optimizer = _LockstepOptimizer(
@@ -256,9 +262,8 @@ class Trainer:
             elif name == "momentum":
                 self.optimizer.momentum = value
             else:
-                for module in self.model.modules():
-                    if hasattr(module, "running_mean") and hasattr(module, "momentum"):
-                        module.momentum = value
+                for module in self._bn_layers:
+                    module.momentum = value
             events.append(
                 self.history.add_event(
                     self.step,
@@ -537,29 +542,44 @@ class Trainer:
 
         The reference statistic is each BN input's mean and (unbiased) variance over up to
         1,024 training examples in one train-mode pass: what the running averages estimate.
+        That pass runs with every BN momentum at 1, so each layer's running buffers become
+        exactly those batch statistics, computed by the layer itself. Reading them back
+        costs nothing, where computing them again from recorded inputs took longer than
+        the pass. The buffers and momenta are restored afterwards.
         """
         self.model.train()
-        with preserved_state(self.model, []):
-            _, records = self.model(self.x_stats, record=True)
-        stats = {v: self.model.bn_running_stats(v) for v in running}
+        stats = {v: self.model.bn_running_stats(v) for v in running}  # views of the buffers
+        layers = []  # (layer name, the running variants with BN there)
+        for li, name in enumerate(self.model.layer_names):
+            have = [v for v in running if stats[v][li] is not None]
+            if have:
+                layers.append((li, name, have))
+        if not layers:
+            return {}
+
+        def gather() -> list[torch.Tensor]:
+            """Per layer, (variants, 2, C): running mean and variance; a copy."""
+            return [
+                torch.stack([torch.stack(stats[v][li]) for v in have]) for li, _, have in layers
+            ]
+
+        before = gather()
+        momenta = [m.momentum for m in self._bn_layers]
+        try:
+            with preserved_state(self.model, []):
+                for m in self._bn_layers:
+                    m.momentum = 1.0  # running = (1 - 1) * running + 1 * batch
+                self.model(self.x_stats)
+                batch = gather()
+        finally:
+            for m, momentum in zip(self._bn_layers, momenta, strict=True):
+                m.momentum = momentum
         # Per layer, every variant with BN there in a few stacked ops, and one copy to the
         # host at the end: a loop over variants with .item() cost more than the pass.
-        columns: list[tuple[str, list[int], torch.Tensor]] = []
-        for li, rec in enumerate(records):
-            have = [v for v in running if stats[v][li] is not None]
-            if not have:
-                continue
-            x = rec.bn_input[torch.tensor(have, device=self.device)]  # (R, N, C, ...)
-            x = x.transpose(1, 2).reshape(len(have), x.shape[2], -1)
-            mean = torch.stack([stats[v][li][0] for v in have])
-            var = torch.stack([stats[v][li][1] for v in have])
-            errors = torch.stack(
-                [(mean - x.mean(2)).abs().mean(1), (var - x.var(2)).abs().mean(1)], dim=1
-            )
-            columns.append((rec.name, have, errors))
-        values = iter(torch.cat([e for *_, e in columns]).tolist() if columns else [])
+        errors = torch.cat([(b - a).abs().mean(-1) for a, b in zip(before, batch, strict=True)])
+        values = iter(errors.tolist())
         out: dict[int, list] = {}
-        for name, have, _ in columns:
+        for _, name, have in layers:
             for v in have:
                 mean_err, var_err = next(values)
                 out.setdefault(v, []).extend(

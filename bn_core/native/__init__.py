@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BUILD_DIR", "SOURCE", "build", "build_name", "load", "status"]
+__all__ = ["BUILD_DIR", "SOURCE", "build", "build_name", "load", "load_stacked", "status"]
 
 SOURCE = Path(__file__).with_name("batch_norm.cpp")
 # Where builds go; BN_CORE_BUILD_DIR moves them (for a read-only checkout).
@@ -32,6 +32,7 @@ _CFLAGS = ["-O3"]
 
 _lock = threading.Lock()
 _op = None  # the loaded operator, once loaded
+_stacked_op = None  # its lockstep form, loaded with it
 _error: str | None = None  # why it is not loaded, once a load was tried
 
 
@@ -76,7 +77,7 @@ def load():
     Returns the raw C++ callable: going through ``torch.ops``' Python wrapper on every
     call would cost a few microseconds a layer.
     """
-    global _op, _error
+    global _op, _stacked_op, _error
     if _op is not None or _error is not None:  # every forward pass asks: no lock then
         return _op
     with _lock:
@@ -89,10 +90,21 @@ def load():
         try:
             if not hasattr(torch.ops.bn_core, "batch_norm_train"):
                 torch.ops.load_library(str(path))
-            _op = torch.ops.bn_core.batch_norm_train.default._op
+            stacked = torch.ops.bn_core.batch_norm_train_stacked.default._op
+            _op, _stacked_op = torch.ops.bn_core.batch_norm_train.default._op, stacked
         except (OSError, RuntimeError, AttributeError) as err:  # a broken or foreign build
             _error = f"could not be loaded ({type(err).__name__}: {err})"
         return _op
+
+
+def load_stacked():
+    """``bn_core::batch_norm_train_stacked``, or None when the kernel is not built.
+
+    It normalizes the variants [start, stop) of a lockstep (V, N, C) activation in place
+    in that layout and passes the others through; see the C++ source.
+    """
+    load()
+    return _stacked_op
 
 
 def status() -> str:
