@@ -153,8 +153,14 @@ class _LockstepOptimizer:
 class Trainer:
     """Trains a run's variants in lockstep and records their telemetry in a History."""
 
-    def __init__(self, config: RunConfig, dataset: Dataset | None = None) -> None:
+    def __init__(
+        self, config: RunConfig, dataset: Dataset | None = None, measure_layers: bool = True
+    ) -> None:
+        """``measure_layers=False`` logs only the losses and test metrics: no probe pass,
+        gradient measures or running-stat errors, for a caller that shows none of them
+        (the learning-rate sweep). Training is the same either way."""
         self.config = config
+        self.measure_layers = measure_layers
         self.device = resolve_device(config.device)
         if dataset is None:
             dataset = load_dataset(
@@ -311,8 +317,8 @@ class Trainer:
         landscape_due = cfg.landscape_every > 0 and self.step % cfg.landscape_every == 0
         # The noise this step's forward pass will draw, so a measurement can replay it.
         noise = noise_states(self.model) if ics_due or landscape_due else None
-        logits, records = self.model(x, record=logging)
-        if logging:
+        logits, records = self.model(x, record=logging and self.measure_layers)
+        if records:
             for r in records:
                 if r.output.requires_grad:
                     r.output.retain_grad()
@@ -362,6 +368,10 @@ class Trainer:
         rows: dict[int, list[tuple[str, str, float]]] = {v: [] for v in running}
         for v in running:
             rows[v].append(("", "loss", window[v]))
+        if not self.measure_layers:
+            for v in running:
+                self.history.add_many(self.step, self.variant_names[v], rows[v])
+            return
         # Every gradient measure of every layer and variant in a few stacked ops and one
         # copy to the host: per-variant loops would cost more than the step itself.
         lrs = torch.tensor(self.optimizer.lrs, device=self.device)
@@ -529,7 +539,7 @@ class Trainer:
                 .sum(1)
             )
             correct += (logits.argmax(-1) == yb).sum(1)
-        errors = self._running_stat_errors(running)
+        errors = self._running_stat_errors(running) if self.measure_layers else {}
         self.model.train()
         test_loss, test_acc = (loss_sum / n).tolist(), (correct / n).tolist()
         for v in running:

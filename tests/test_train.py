@@ -577,3 +577,31 @@ def test_a_small_run_learns(digits):
     assert plain[0] < 0.3 and bn[0] < 0.3  # chance is 0.1
     # Fig. 1(a) in small: both learn, BN faster.
     assert plain[-1] > 0.4 and bn[-1] > 0.85 and bn[-1] > plain[-1], (plain, bn)
+
+
+@pytest.mark.parametrize("model", ["mlp", "lenet"])
+def test_without_layer_measures_the_run_and_its_losses_are_the_same(digits, model):
+    # The sweep page shows end points only, so its trainers skip the per-layer measures;
+    # training must not notice, and the losses and test metrics must be the very same.
+    cfg = small(model=model, variants=["plain", "batchnorm"], steps=40, eval_every=10)
+    full, lean = Trainer(cfg, digits), Trainer(cfg, digits, measure_layers=False)
+    full.advance(steps=40)
+    lean.advance(steps=40)
+    trained = zip(full.model.state_dict().items(), lean.model.state_dict().items(), strict=True)
+    for (name, a), (_, b) in trained:
+        assert torch.equal(a, b), name
+    for variant in full.variant_names:
+        for metric in ("loss", "test_loss", "test_accuracy"):
+            steps_full, values_full = full.history.series(variant, "", metric)
+            steps_lean, values_lean = lean.history.series(variant, "", metric)
+            assert len(steps_full) > 2
+            assert np.array_equal(steps_full, steps_lean)
+            assert np.array_equal(values_full, values_lean)
+    assert set(full.history.metrics()) > {"loss", "test_loss", "test_accuracy"}
+    assert set(lean.history.metrics()) == {"loss", "test_loss", "test_accuracy"}
+    assert lean.history.layers() == [] and full.history.layers() != []
+    # The sweep's own trainers are built this way.
+    from bn_core.experiments.sweep import LrSweep
+
+    sweep = LrSweep(cfg, [0.1, 1.0], steps=20, dataset=digits)
+    assert all(not t.measure_layers for t in sweep.trainers)
