@@ -380,8 +380,8 @@ class BatchNorm(nn.Module):
         return native.load_stacked()
 
     def forward_variants(self, h: torch.Tensor, start: int, stop: int, op) -> torch.Tensor:
-        """Normalize variants [start, stop) of a lockstep (V, N, C) activation, in place in
-        that layout; the other variants pass through. ``op`` is ``stacked_op()``.
+        """Normalize variants [start, stop) of a lockstep (V, N, C) activation where they
+        lie in that layout; the other variants pass through. ``op`` is ``stacked_op()``.
 
         This layer then has (stop - start) * C features, variant v's channel c being
         feature (v - start) * C + c: the same numbers as ``forward`` on the run's slice

@@ -148,9 +148,9 @@ class _NormGroups(nn.Module):
                 for a, b, norm in bn_runs
             ]
         )
-        # The module that normalizes each run, None for the plain ones.
         # Only our own BatchNorm has the lockstep form (torch's and the noisy one do not).
         self._all_ours = all(type(bn) is BatchNorm for bn in self.groups)
+        # The module that normalizes each run, None for the plain ones.
         modules = iter(self.groups)
         self._run_modules = [None if norm == "none" else next(modules) for *_, norm in self.runs]
 

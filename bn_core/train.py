@@ -559,7 +559,7 @@ class Trainer:
         """
         self.model.train()
         stats = {v: self.model.bn_running_stats(v) for v in running}  # views of the buffers
-        layers = []  # (layer name, the running variants with BN there)
+        layers = []  # (layer index, layer name, the running variants with BN there)
         for li, name in enumerate(self.model.layer_names):
             have = [v for v in running if stats[v][li] is not None]
             if have:

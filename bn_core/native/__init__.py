@@ -100,8 +100,8 @@ def load():
 def load_stacked():
     """``bn_core::batch_norm_train_stacked``, or None when the kernel is not built.
 
-    It normalizes the variants [start, stop) of a lockstep (V, N, C) activation in place
-    in that layout and passes the others through; see the C++ source.
+    It normalizes the variants [start, stop) of a lockstep (V, N, C) activation where
+    they lie in that layout and passes the others through; see the C++ source.
     """
     load()
     return _stacked_op
