@@ -271,11 +271,12 @@ def test_sweep_page_waits_for_start(sweep_page):
 
 def test_sweep_runs_to_the_end(sweep_page):
     # Five rates: more than one lockstep run holds (4 per run with plain and batchnorm).
-    at = start_sweep(sweep_page, 0.1, 1.0, count=5, steps=50)
+    # 2 x 250 steps of 8 variants take longer than the first tick's 0.4 s of training.
+    at = start_sweep(sweep_page, 0.1, 1.0, count=5, steps=250)
     sweep = at.session_state.sweep
     assert at.session_state.sweep_running
     assert button(at, "Start sweep").disabled and not button(at, "Stop").disabled
-    assert len(sweep.trainers) == 2 and sweep.steps_total == 100
+    assert len(sweep.trainers) == 2 and sweep.steps_total == 500
     done = [sweep.steps_done]
     for _ in range(MAX_RERUNS):
         if not at.session_state.sweep_running:
@@ -285,8 +286,8 @@ def test_sweep_runs_to_the_end(sweep_page):
     assert not at.session_state.sweep_running and sweep.finished
     assert done == sorted(done)
     match = SWEEP_STATUS_RE.match(progress_text(at))
-    assert match and match.groups() == ("finished", "100", "100"), progress_text(at)
-    assert "10 nets of 50 steps" in progress_text(at)
+    assert match and match.groups() == ("finished", "500", "500"), progress_text(at)
+    assert "10 nets of 250 steps" in progress_text(at)
     assert not button(at, "Start sweep").disabled and button(at, "Stop").disabled
     assert not at.error
 
