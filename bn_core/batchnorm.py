@@ -341,13 +341,7 @@ class BatchNorm(nn.Module):
         params = self._parameters
         op = _compiled_op(self.kernel or _default_kernel)
         if op is not None:
-            buffers = self._buffers
-            if self.training and self.track_running_stats:
-                factor = self._next_running_factor()
-                running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-            else:
-                running_mean = running_var = None
-                factor = 0.0
+            running_mean, running_var, factor = self._running_update()
             return op(
                 x,
                 params["weight"],
@@ -392,13 +386,8 @@ class BatchNorm(nn.Module):
                 f"BatchNorm input has shape {tuple(h.shape)}: expected (V, N, C) where "
                 f"variants [{start}, {stop}) hold its {self.num_features} features"
             )
-        params, buffers = self._parameters, self._buffers
-        if self.track_running_stats:
-            factor = self._next_running_factor()
-            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-        else:
-            running_mean = running_var = None
-            factor = 0.0
+        params = self._parameters
+        running_mean, running_var, factor = self._running_update()
         return op(
             h,
             params["weight"],
@@ -411,6 +400,15 @@ class BatchNorm(nn.Module):
             factor,
             self.grad_through_stats,
         )
+
+    def _running_update(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        """(running_mean, running_var, factor) for the compiled kernel to update in this
+        pass, counting the batch; (None, None, 0.0) when this pass updates nothing."""
+        if not (self.training and self.track_running_stats):
+            return None, None, 0.0
+        factor = self._next_running_factor()
+        buffers = self._buffers
+        return buffers["running_mean"], buffers["running_var"], factor
 
     def _next_running_factor(self) -> float:
         """Count this batch and return f for running = (1 - f) * running + f * batch.

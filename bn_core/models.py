@@ -157,9 +157,9 @@ class _NormGroups(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if not self.groups:
             return h
-        ops = [bn.stacked_op() for bn in self.groups] if self._all_ours else [None]
+        ops = [bn.stacked_op() for bn in self.groups] if self._all_ours else None
         # (A batch of one takes the path below, whose BatchNorm explains why it cannot train.)
-        if None not in ops and h.shape[1] > 1:
+        if ops is not None and None not in ops and h.shape[1] > 1:
             # Our BatchNorm, compiled, in training: each run is normalized where it lies in
             # the (V, N, C) tensor, with no split, permute or concatenation.
             for bn, op, index in zip(self.groups, ops, self.group_index, strict=True):

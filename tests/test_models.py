@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from bn_core.batchnorm import BatchNorm
+from bn_core import native
+from bn_core.batchnorm import BatchNorm, use_kernel
 from bn_core.config import RunConfig
 from bn_core.data import load_dataset
 from bn_core.models import LockstepLeNet, LockstepMLP, build_model
@@ -454,9 +455,6 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("placement", ["before", "after"])
 def test_compiled_lockstep_bn_matches_the_python_kernel(float64, digits, layout, placement):
-    from bn_core import native
-    from bn_core.batchnorm import use_kernel
-
     assert native.load_stacked() is not None, native.status()
     cfg = mlp_config(variants=LAYOUTS[layout], placement=placement, bn_momentum=0.3)
     torch.manual_seed(0)
@@ -498,8 +496,6 @@ def _stacked_inputs(V=5, N=6, C=3, start=1, stop=3, seed=0):
 @pytest.mark.parametrize("through_stats", [True, False])
 @pytest.mark.parametrize(("start", "stop"), [(0, 5), (1, 3), (0, 1), (4, 5)])
 def test_stacked_op_passes_gradcheck(through_stats, start, stop):
-    from bn_core import native
-
     op = native.load_stacked()
     h, w, b = _stacked_inputs(start=start, stop=stop)
 
@@ -526,8 +522,6 @@ def test_stacked_op_passes_gradcheck(through_stats, start, stop):
 
 
 def test_stacked_op_matches_batchnorm_on_the_permuted_run_and_its_own_fallback():
-    from bn_core import native
-
     op = native.load_stacked()
     h, w, b = _stacked_inputs(V=4, N=7, C=5, start=1, stop=4, seed=3)
     dy = torch.randn(4, 7, 5, dtype=torch.float64)
@@ -558,8 +552,6 @@ def test_stacked_op_matches_batchnorm_on_the_permuted_run_and_its_own_fallback()
 
 
 def test_stacked_op_result_does_not_depend_on_the_thread_count():
-    from bn_core import native
-
     op = native.load_stacked()
     gen = torch.Generator().manual_seed(5)
     # Big enough that each variant's slab is its own thread job.
@@ -587,9 +579,16 @@ def test_stacked_op_result_does_not_depend_on_the_thread_count():
     ],
 )
 def test_stacked_op_rejects_bad_arguments(shape, start, stop, features, message):
-    from bn_core import native
-
     op = native.load_stacked()
     w = torch.ones(max(features, 1))
     with pytest.raises(RuntimeError, match=message):
         op(torch.randn(shape), w, torch.zeros_like(w), None, None, start, stop, 1e-5, 0.0, True)
+
+
+def test_forward_variants_names_a_shape_that_does_not_fit():
+    bn = BatchNorm(6)  # 2 variants of 3 channels
+    op = native.load_stacked()
+    with pytest.raises(ValueError, match=r"shape \(4, 5, 4\): expected \(V, N, C\) where variants"):
+        bn.forward_variants(torch.randn(4, 5, 4), 1, 3, op)
+    with pytest.raises(ValueError, match=r"variants \[0, 3\) hold its 6 features"):
+        bn.forward_variants(torch.randn(4, 5, 3), 0, 3, op)

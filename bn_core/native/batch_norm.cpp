@@ -201,6 +201,28 @@ void backward_loops(const Layout& L, const scalar_t* dy, const scalar_t* x_hat,
   });
 }
 
+// What both autograd Functions keep for backward: x_hat, inv_std and gamma (the only
+// tensors), and which gradients were asked for.
+void save_for_backward(AutogradContext* ctx, const at::Tensor& x_hat, const at::Tensor& inv_std,
+                       const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias, bool need_x,
+                       bool grad_through_stats) {
+  const bool affine = weight.has_value() && weight->defined();
+  ctx->save_for_backward({x_hat, inv_std, affine ? *weight : at::Tensor()});
+  ctx->saved_data["through_stats"] = grad_through_stats;
+  ctx->saved_data["need_x"] = need_x;
+  ctx->saved_data["need_gamma"] = affine && weight->requires_grad();
+  ctx->saved_data["need_beta"] = affine && bias->requires_grad();
+}
+
+// dst = src for the variants outside [start, stop) of a (V, ...) tensor: the ones a
+// lockstep BatchNorm run passes through, forward and backward.
+void copy_outside(at::Tensor& dst, const at::Tensor& src, int64_t start, int64_t stop) {
+  const int64_t V = src.size(0);
+  if (start > 0) dst.narrow(0, 0, start).copy_(src.narrow(0, 0, start));
+  if (stop < V) dst.narrow(0, stop, V - stop).copy_(src.narrow(0, stop, V - stop));
+}
+
 bool use_loops(const at::Tensor& x) {
   return x.device().is_cpu() && x.is_contiguous() &&
          (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
@@ -274,13 +296,9 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
       running_mean->lerp_(mu.reshape(-1).to(running_mean->scalar_type()), factor);
       running_var->lerp_(var.to(running_var->scalar_type()), factor);
     }
-    ctx->save_for_backward({x_hat, inv_std, affine ? *weight : at::Tensor()});
+    save_for_backward(ctx, x_hat, inv_std, weight, bias, x.requires_grad(), grad_through_stats);
     ctx->saved_data["m"] = m;
     ctx->saved_data["loops"] = loops;
-    ctx->saved_data["through_stats"] = grad_through_stats;
-    ctx->saved_data["need_x"] = x.requires_grad();
-    ctx->saved_data["need_gamma"] = affine && weight->requires_grad();
-    ctx->saved_data["need_beta"] = affine && bias->requires_grad();
     return y;
   }
 
@@ -381,12 +399,11 @@ struct BatchNormStacked : public torch::autograd::Function<BatchNormStacked> {
                             const std::optional<at::Tensor>& running_mean,
                             const std::optional<at::Tensor>& running_var, int64_t start,
                             int64_t stop, double eps, double factor, bool grad_through_stats) {
-    const int64_t V = h.size(0), N = h.size(1), C = h.size(2), G = stop - start;
+    const int64_t N = h.size(1), C = h.size(2), G = stop - start;
     const bool affine = weight.has_value() && weight->defined();
     const bool track = running_mean.has_value() && running_mean->defined();
     at::Tensor y = at::empty_like(h);
-    if (start > 0) y.narrow(0, 0, start).copy_(h.narrow(0, 0, start));
-    if (stop < V) y.narrow(0, stop, V - stop).copy_(h.narrow(0, stop, V - stop));
+    copy_outside(y, h, start, stop);
     at::Tensor x_hat = at::empty({G, N, C}, h.options());
     at::Tensor inv_std = at::empty({G * C}, h.options());
     at::Tensor mu = at::empty({G * C}, h.options());
@@ -415,13 +432,8 @@ struct BatchNormStacked : public torch::autograd::Function<BatchNormStacked> {
         }
       });
     });
-    ctx->save_for_backward({x_hat, inv_std, affine ? *weight : at::Tensor()});
+    save_for_backward(ctx, x_hat, inv_std, weight, bias, h.requires_grad(), grad_through_stats);
     ctx->saved_data["start"] = start;
-    ctx->saved_data["V"] = V;
-    ctx->saved_data["through_stats"] = grad_through_stats;
-    ctx->saved_data["need_x"] = h.requires_grad();
-    ctx->saved_data["need_gamma"] = affine && weight->requires_grad();
-    ctx->saved_data["need_beta"] = affine && bias->requires_grad();
     return y;
   }
 
@@ -432,7 +444,6 @@ struct BatchNormStacked : public torch::autograd::Function<BatchNormStacked> {
     const at::Tensor& gamma = saved[2];
     const at::Tensor dy = grad_outputs[0].contiguous();
     const int64_t start = ctx->saved_data["start"].toInt();
-    const int64_t V = ctx->saved_data["V"].toInt();
     const int64_t G = x_hat.size(0), N = x_hat.size(1), C = x_hat.size(2), stop = start + G;
     const bool need_x = ctx->saved_data["need_x"].toBool();
     const bool through_stats = need_x && ctx->saved_data["through_stats"].toBool();
@@ -440,8 +451,7 @@ struct BatchNormStacked : public torch::autograd::Function<BatchNormStacked> {
     if (need_x) {
       // The variants that passed through get their gradient unchanged.
       dx = at::empty_like(dy);
-      if (start > 0) dx.narrow(0, 0, start).copy_(dy.narrow(0, 0, start));
-      if (stop < V) dx.narrow(0, stop, V - stop).copy_(dy.narrow(0, stop, V - stop));
+      copy_outside(dx, dy, start, stop);
     }
     at::Tensor sum_dy = at::empty({G * C}, x_hat.options());
     at::Tensor sum_dy_xhat = at::empty({G * C}, x_hat.options());
