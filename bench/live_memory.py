@@ -2,7 +2,9 @@
 
     python bench/live_memory.py --minutes 10 --json artifacts/live_memory.json
 
-Starts the real server, opens the Live training page in headless Chromium, presses Play
+Starts the real server, opens the Live training page in headless Chromium with a run
+long enough to train through the whole window (``--steps``, set through the page's link
+parameters; the preset's 50,000 steps end within 10 minutes), presses Play
 and samples every ``--every`` seconds: the server process's resident memory (from /proc)
 and the page's used JS heap (Chromium's performance.memory, after a garbage collection
 through the DevTools protocol). Reports the growth after a warm-up minute. Exits 1 if
@@ -31,7 +33,7 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def measure(minutes: float, every: float, warmup: float, log_path: Path) -> dict:
+def measure(minutes: float, every: float, warmup: float, steps: int, log_path: Path) -> dict:
     from playwright.sync_api import sync_playwright
 
     samples = []
@@ -40,7 +42,7 @@ def measure(minutes: float, every: float, warmup: float, log_path: Path) -> dict
         page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
         page.set_default_timeout(120_000)
         cdp = page.context.new_cdp_session(page)
-        page.goto(server.url)
+        page.goto(f"{server.url}?steps={steps}")
         page.get_by_role("button", name=re.compile(r"\bPlay$")).click()
         start = time.monotonic()
         while time.monotonic() - start < minutes * 60:
@@ -84,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--every", type=float, default=20.0, help="seconds between samples")
     parser.add_argument("--warmup", type=float, default=60.0, help="seconds before the baseline")
+    parser.add_argument("--steps", type=int, default=1_000_000, help="length of the run")
     parser.add_argument("--max-growth-mb", type=float, default=50.0)
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     log = ROOT / "artifacts" / "streamlit_live_memory.log"
     log.parent.mkdir(exist_ok=True)
-    result = measure(args.minutes, args.every, args.warmup, log)
+    result = measure(args.minutes, args.every, args.warmup, args.steps, log)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
