@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bn_core import native
 from bn_core.batchnorm import BatchNorm, NoiseSettings, NoisyBatchNorm
 from bn_core.config import RunConfig, VariantSpec
 
@@ -32,6 +33,13 @@ __all__ = [
 ]
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
+# A lockstep output layer narrower than NARROW_OUTPUT classes, over at least
+# MANY_VARIANTS variants, runs the compiled kernel's transposed form: on the CPU a batched
+# product with a 10-wide result is slow. With fewer variants the products are small, the
+# op count decides, and the plain product is as fast or faster (forward and backward at
+# 60 x 100 -> 10: 8 variants 315 -> 227 us, 4 variants 206 -> 184, 2 even, 1 126 -> 154).
+NARROW_OUTPUT = 16
+MANY_VARIANTS = 4
 
 
 @dataclass
@@ -253,7 +261,16 @@ class LockstepMLP(nn.Module):
                 bn_input = post
             if record:
                 records.append(LayerRecord(name, preact, post, bn_input, h))
-        return torch.baddbmm(self.out_bias, h, self.out_weight), records
+        return self._output_layer(h), records
+
+    def _output_layer(self, h: torch.Tensor) -> torch.Tensor:
+        """logits = h @ W + b per variant; for a narrow output over many variants the
+        compiled kernel's transposed form, which is faster there (see NARROW_OUTPUT)."""
+        V, _, K = self.out_weight.shape
+        op = native.load_output() if K < NARROW_OUTPUT and V >= MANY_VARIANTS else None
+        if op is None:
+            return torch.baddbmm(self.out_bias, h, self.out_weight)
+        return op(h, self.out_weight, self.out_bias)
 
     @torch.no_grad()
     def layer_stacks(self) -> list[LayerStack]:

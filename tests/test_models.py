@@ -592,3 +592,72 @@ def test_forward_variants_names_a_shape_that_does_not_fit():
         bn.forward_variants(torch.randn(4, 5, 4), 1, 3, op)
     with pytest.raises(ValueError, match=r"variants \[0, 3\) hold its 6 features"):
         bn.forward_variants(torch.randn(4, 5, 3), 0, 3, op)
+
+
+# --- the lockstep output layer ---------------------------------------------------------
+
+
+def _output_inputs(V=3, N=7, C=5, K=4, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(V, N, C, generator=gen, dtype=dtype).requires_grad_()
+    w = torch.randn(V, C, K, generator=gen, dtype=dtype).requires_grad_()
+    b = torch.randn(V, 1, K, generator=gen, dtype=dtype).requires_grad_()
+    return h, w, b
+
+
+def test_output_op_passes_gradcheck():
+    op = native.load_output()
+    assert op is not None, native.status()
+    assert torch.autograd.gradcheck(op, _output_inputs())
+    # Only some inputs wanting a gradient (h of the first layer never does, here the
+    # output layer's input could be a frozen feature).
+    h, w, b = _output_inputs(seed=1)
+    assert torch.autograd.gradcheck(op, (h.detach(), w, b))
+    assert torch.autograd.gradcheck(op, (h, w.detach(), b.detach()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_output_op_matches_baddbmm(dtype):
+    op = native.load_output()
+    h, w, b = _output_inputs(V=8, N=60, C=100, K=10, seed=2, dtype=dtype)
+    dy = torch.randn(8, 60, 10, dtype=dtype)
+    got = op(h, w, b)
+    expected = torch.baddbmm(b, h, w)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+    assert got.shape == (8, 60, 10) and got.is_contiguous()
+    assert_close(got, expected, **tol)
+    for a, c in zip(
+        torch.autograd.grad(got, (h, w, b), dy),
+        torch.autograd.grad(expected, (h, w, b), dy),
+        strict=True,
+    ):
+        assert a.is_contiguous()
+        assert_close(a, c, **tol)
+
+
+def test_mlp_output_layer_uses_the_compiled_op_where_it_is_faster(digits):
+    """10 classes over 4 variants take the compiled output layer; 16 classes or 2
+    variants the batched product. The numbers are the same either way."""
+    cases = [(ALL4, 10, "LockstepOutput"), (ALL4, 16, "Baddbmm"), (ALL4[:2], 10, "Baddbmm")]
+    for variants, classes, node in cases:
+        model = LockstepMLP(mlp_config(variants=variants), 64, classes)
+        logits, _ = model(digits.x_train[:20])
+        assert node in logits.grad_fn.name(), (len(variants), classes)
+        h = torch.randn(len(variants), 20, model.out_weight.shape[1])
+        expected = torch.baddbmm(model.out_bias, h, model.out_weight)
+        assert_close(model._output_layer(h), expected)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "message"),
+    [
+        (((3, 7, 5), (3, 5, 4), (3, 4)), r"expected h \(V, N, C\), weight \(V, C, K\)"),
+        (((3, 7, 5), (2, 5, 4), (3, 1, 4)), r"h \[3, 7, 5\] needs weight \(3, 5, K\)"),
+        (((3, 7, 5), (3, 6, 4), (3, 1, 4)), r"got weight \[3, 6, 4\] and bias \[3, 1, 4\]"),
+        (((3, 7, 5), (3, 5, 4), (3, 1, 3)), r"needs weight \(3, 5, K\) and bias \(3, 1, K\)"),
+    ],
+)
+def test_output_op_rejects_bad_shapes(shapes, message):
+    op = native.load_output()
+    with pytest.raises(RuntimeError, match=message):
+        op(*(torch.randn(s) for s in shapes))

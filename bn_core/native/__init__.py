@@ -23,7 +23,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BUILD_DIR", "SOURCE", "build", "build_name", "load", "load_stacked", "status"]
+__all__ = [
+    "BUILD_DIR",
+    "SOURCE",
+    "build",
+    "build_name",
+    "load",
+    "load_output",
+    "load_stacked",
+    "status",
+]
 
 SOURCE = Path(__file__).with_name("batch_norm.cpp")
 # Where builds go; BN_CORE_BUILD_DIR moves them (for a read-only checkout).
@@ -33,6 +42,7 @@ _CFLAGS = ["-O3"]
 _lock = threading.Lock()
 _op = None  # the loaded operator, once loaded
 _stacked_op = None  # its lockstep form, loaded with it
+_output_op = None  # the lockstep output layer, loaded with it
 _error: str | None = None  # why it is not loaded, once a load was tried
 
 
@@ -77,7 +87,7 @@ def load():
     Returns the raw C++ callable: going through ``torch.ops``' Python wrapper on every
     call would cost a few microseconds a layer.
     """
-    global _op, _stacked_op, _error
+    global _op, _stacked_op, _output_op, _error
     if _op is not None or _error is not None:  # every forward pass asks: no lock then
         return _op
     with _lock:
@@ -91,6 +101,7 @@ def load():
             if not hasattr(torch.ops.bn_core, "batch_norm_train"):
                 torch.ops.load_library(str(path))
             stacked = torch.ops.bn_core.batch_norm_train_stacked.default._op
+            _output_op = torch.ops.bn_core.lockstep_output.default._op
             _op, _stacked_op = torch.ops.bn_core.batch_norm_train.default._op, stacked
         except (OSError, RuntimeError, AttributeError) as err:  # a broken or foreign build
             _error = f"could not be loaded ({type(err).__name__}: {err})"
@@ -105,6 +116,16 @@ def load_stacked():
     """
     load()
     return _stacked_op
+
+
+def load_output():
+    """``bn_core::lockstep_output``, or None when the kernel is not built.
+
+    The lockstep MLP's output layer, logits = h @ W + b per variant, in the transposed
+    form that is fast for a narrow (10-class) output; see the C++ source.
+    """
+    load()
+    return _output_op
 
 
 def status() -> str:
