@@ -267,7 +267,9 @@ class LockstepMLP(nn.Module):
         """logits = h @ W + b per variant; for a narrow output over many variants the
         compiled kernel's transposed form, which is faster there (see NARROW_OUTPUT)."""
         V, _, K = self.out_weight.shape
-        op = native.load_output() if K < NARROW_OUTPUT and V >= MANY_VARIANTS else None
+        # Measured on the CPU only; elsewhere the library's own product is kept.
+        fast = K < NARROW_OUTPUT and V >= MANY_VARIANTS and h.device.type == "cpu"
+        op = native.load_output() if fast else None
         if op is None:
             return torch.baddbmm(self.out_bias, h, self.out_weight)
         return op(h, self.out_weight, self.out_bias)
