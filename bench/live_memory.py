@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.serve import CHROMIUM, CHROMIUM_ARGS, ROOT, streamlit_server  # noqa: E402
+from bn_core.config import FIELDS  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -90,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-growth-mb", type=float, default=50.0)
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
+    # The page ignores an out-of-range link parameter (with a warning) and would then run
+    # the preset's 50,000 steps, finishing inside the window.
+    allowed = FIELDS["steps"]
+    if not allowed.low <= args.steps <= allowed.high:
+        parser.error(f"--steps {args.steps}: allowed {allowed.low} to {allowed.high:,}")
     log = ROOT / "artifacts" / "streamlit_live_memory.log"
     log.parent.mkdir(exist_ok=True)
     result = measure(args.minutes, args.every, args.warmup, args.steps, log)

@@ -65,6 +65,14 @@ def use_kernel(kernel: str) -> Iterator[None]:
         _default_kernel = saved
 
 
+def lockstep_output_op():
+    """The compiled lockstep output layer (``native.load_output``) unless the kernel in
+    use is the Python one, which keeps every step of a run readable; else None."""
+    if _compiled_op(_default_kernel) is None:
+        return None
+    return native.load_output()
+
+
 def _compiled_op(kernel: str):
     """The compiled operator if ``kernel`` asks for it (or allows it), else None."""
     if kernel == "python":

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bn_core import native
-from bn_core.batchnorm import BatchNorm, NoiseSettings, NoisyBatchNorm
+from bn_core.batchnorm import BatchNorm, NoiseSettings, NoisyBatchNorm, lockstep_output_op
 from bn_core.config import RunConfig, VariantSpec
 
 __all__ = [
@@ -35,9 +34,11 @@ __all__ = [
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
 # A lockstep output layer narrower than NARROW_OUTPUT classes, over at least
 # MANY_VARIANTS variants, runs the compiled kernel's transposed form: on the CPU a batched
-# product with a 10-wide result is slow. With fewer variants the products are small, the
-# op count decides, and the plain product is as fast or faster (forward and backward at
-# 60 x 100 -> 10: 8 variants 315 -> 227 us, 4 variants 206 -> 184, 2 even, 1 126 -> 154).
+# product with a 10-wide result is slow. Forward and backward of the 60 x 100 -> K layer
+# alone, one thread, baddbmm vs the compiled op: K = 10 at 8 variants 315 vs 227 us, at 4
+# 206 vs 184, at 2 even, at 1 126 vs 154 (the op count decides there); K = 2 at 8
+# variants 318 vs 183; K = 16 at 8 variants 185 vs 255. In the app that is the
+# learning-rate sweep (8 variants) and custom runs of 4 or more variants.
 NARROW_OUTPUT = 16
 MANY_VARIANTS = 4
 
@@ -269,7 +270,7 @@ class LockstepMLP(nn.Module):
         V, _, K = self.out_weight.shape
         # Measured on the CPU only; elsewhere the library's own product is kept.
         fast = K < NARROW_OUTPUT and V >= MANY_VARIANTS and h.device.type == "cpu"
-        op = native.load_output() if fast else None
+        op = lockstep_output_op() if fast else None
         if op is None:
             return torch.baddbmm(self.out_bias, h, self.out_weight)
         return op(h, self.out_weight, self.out_bias)

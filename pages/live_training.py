@@ -12,9 +12,9 @@ from ui.export_panel import export_panel
 # The browser asks for a tick every TICK_SECONDS (a request that comes while a tick runs
 # waits for it, then starts at once). A tick trains TRAIN_SECONDS and then draws, so
 # ticks follow each other closely and the browser still has a moment between them to
-# handle a click on Pause. At most 5 redraws a second, 5.0-5.2 measured with server and
-# browser on one 2-core machine (tests/test_browser.py); at 0.25 s per tick the page made
-# 3.6-4.0, short of a lively 4. Training keeps the same 40% share of each tick.
+# handle a click on Pause. At most 5 redraws a second: each chart redrew 4.8-5.2 times a
+# second with server and browser on one quiet 2-core machine (tests/test_browser.py); at
+# 0.25 s per tick, 3.6-4.0. Training keeps the same 40% share of each tick.
 TICK_SECONDS = 0.2
 TRAIN_SECONDS = 0.08  # training per tick (alone on the server), leaving the rest for drawing
 

@@ -605,12 +605,16 @@ def _output_inputs(V=3, N=7, C=5, K=4, seed=0, dtype=torch.float64):
     return h, w, b
 
 
-def test_output_op_passes_gradcheck():
+def _output_op():
     op = native.load_output()
     assert op is not None, native.status()
+    return op
+
+
+def test_output_op_passes_gradcheck():
+    op = _output_op()
     assert torch.autograd.gradcheck(op, _output_inputs())
-    # Only some inputs wanting a gradient (h of the first layer never does, here the
-    # output layer's input could be a frozen feature).
+    # Each input's gradient is computed only when asked for (needs_input_grad).
     h, w, b = _output_inputs(seed=1)
     assert torch.autograd.gradcheck(op, (h.detach(), w, b))
     assert torch.autograd.gradcheck(op, (h, w.detach(), b.detach()))
@@ -618,9 +622,9 @@ def test_output_op_passes_gradcheck():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_output_op_matches_baddbmm(dtype):
-    op = native.load_output()
+    op = _output_op()
     h, w, b = _output_inputs(V=8, N=60, C=100, K=10, seed=2, dtype=dtype)
-    dy = torch.randn(8, 60, 10, dtype=dtype)
+    dy = torch.randn(8, 60, 10, dtype=dtype, generator=torch.Generator().manual_seed(3))
     got = op(h, w, b)
     expected = torch.baddbmm(b, h, w)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
@@ -636,16 +640,23 @@ def test_output_op_matches_baddbmm(dtype):
 
 
 def test_mlp_output_layer_uses_the_compiled_op_where_it_is_faster(digits):
-    """10 classes over 4 variants take the compiled output layer; 16 classes or 2
-    variants the batched product. The numbers are the same either way."""
-    cases = [(ALL4, 10, "LockstepOutput"), (ALL4, 16, "Baddbmm"), (ALL4[:2], 10, "Baddbmm")]
-    for variants, classes, node in cases:
+    """10 classes over 4 variants take the compiled output layer; 16 classes, 3 variants
+    or the Python kernel the batched product. The numbers are the same either way."""
+    three = ["plain", "batchnorm", "batchnorm-naive"]
+    cases = [
+        (ALL4, 10, "auto", "LockstepOutput"),
+        (ALL4, 16, "auto", "Baddbmm"),
+        (three, 10, "auto", "Baddbmm"),
+        (ALL4, 10, "python", "Baddbmm"),  # the readable kernel runs no compiled code
+    ]
+    for variants, classes, kernel, node in cases:
         model = LockstepMLP(mlp_config(variants=variants), 64, classes)
-        logits, _ = model(digits.x_train[:20])
-        assert node in logits.grad_fn.name(), (len(variants), classes)
-        h = torch.randn(len(variants), 20, model.out_weight.shape[1])
-        expected = torch.baddbmm(model.out_bias, h, model.out_weight)
-        assert_close(model._output_layer(h), expected)
+        with use_kernel(kernel):
+            logits, _ = model(digits.x_train[:20])
+            h = torch.randn(len(variants), 20, model.out_weight.shape[1])
+            got = model._output_layer(h)
+        assert node in logits.grad_fn.name(), (len(variants), classes, kernel)
+        assert_close(got, torch.baddbmm(model.out_bias, h, model.out_weight))
 
 
 @pytest.mark.parametrize(
@@ -658,6 +669,13 @@ def test_mlp_output_layer_uses_the_compiled_op_where_it_is_faster(digits):
     ],
 )
 def test_output_op_rejects_bad_shapes(shapes, message):
-    op = native.load_output()
+    op = _output_op()
     with pytest.raises(RuntimeError, match=message):
         op(*(torch.randn(s) for s in shapes))
+
+
+def test_output_op_rejects_mixed_dtypes():
+    op = _output_op()
+    h, w, b = _output_inputs()
+    with pytest.raises(RuntimeError, match=r"must share dtype and device, got Double/cpu, Float"):
+        op(h, w.float(), b)

@@ -1,7 +1,8 @@
 """The compiled BatchNorm kernel: build it once, load it if it was built.
 
 ``batch_norm.cpp`` repeats the training-mode forward and backward of
-``bn_core/batchnorm.py`` in C++. At this lab's layer sizes the Python version spends
+``bn_core/batchnorm.py`` in C++ (and holds the lockstep MLP's output layer, see
+``load_output``). At this lab's layer sizes the Python version spends
 most of its time in the interpreter between small tensor ops; the compiled one does the
 same arithmetic in three passes over the data and keeps up with ``torch.nn.BatchNorm1d``.
 
@@ -100,9 +101,12 @@ def load():
         try:
             if not hasattr(torch.ops.bn_core, "batch_norm_train"):
                 torch.ops.load_library(str(path))
-            stacked = torch.ops.bn_core.batch_norm_train_stacked.default._op
-            _output_op = torch.ops.bn_core.lockstep_output.default._op
-            _op, _stacked_op = torch.ops.bn_core.batch_norm_train.default._op, stacked
+            ops = torch.ops.bn_core
+            stacked = ops.batch_norm_train_stacked.default._op
+            output = ops.lockstep_output.default._op
+            # _op last: the lock-free check above must never see it before the others.
+            _stacked_op, _output_op = stacked, output
+            _op = ops.batch_norm_train.default._op
         except (OSError, RuntimeError, AttributeError) as err:  # a broken or foreign build
             _error = f"could not be loaded ({type(err).__name__}: {err})"
         return _op

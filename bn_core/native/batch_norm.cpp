@@ -525,8 +525,9 @@ at::Tensor batch_norm_train_stacked(const at::Tensor& h, const std::optional<at:
 // logits = h @ W + b for every variant of a lockstep MLP at once: h (V, N, C), W (V, C, K),
 // b (V, 1, K). With K = 10 classes on the CPU, at::baddbmm(b, h, W) and the weight
 // gradient h^T @ dlogits take several times longer than the same sums taken transposed,
-// W^T @ h^T and dlogits^T @ h (8 variants of 60 x 100: 190 us against 60 us, as long as
-// a 100-wide hidden layer). As a C++ Function it costs one autograd node, like baddbmm.
+// W^T @ h^T and dlogits^T @ h (the two products alone, 8 variants of 60 x 100, one thread:
+// 190 us against 60 us; the 190 as long as a 100-wide hidden layer's). As a C++ Function
+// it costs one autograd node, like baddbmm. bn_core/models.py says where it is used.
 
 struct LockstepOutput : public torch::autograd::Function<LockstepOutput> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& weight,
@@ -546,7 +547,9 @@ struct LockstepOutput : public torch::autograd::Function<LockstepOutput> {
     const at::Tensor grad = grad_outputs[0].contiguous();
     at::Tensor dh, dweight, dbias;
     if (ctx->needs_input_grad(0)) dh = at::bmm(grad, weight.transpose(1, 2));
-    if (ctx->needs_input_grad(1)) dweight = at::bmm(grad.transpose(1, 2), h).transpose(1, 2).contiguous();
+    if (ctx->needs_input_grad(1)) {
+      dweight = at::bmm(grad.transpose(1, 2), h).transpose(1, 2).contiguous();
+    }
     if (ctx->needs_input_grad(2)) dbias = grad.sum(1, /*keepdim=*/true);
     return {dh, dweight, dbias};
   }
@@ -561,6 +564,11 @@ at::Tensor lockstep_output(const at::Tensor& h, const at::Tensor& weight, const 
                   bias.size(1) == 1 && bias.size(2) == K,
               "lockstep_output: h ", h.sizes(), " needs weight (", V, ", ", C, ", K) and bias (",
               V, ", 1, K), got weight ", weight.sizes(), " and bias ", bias.sizes());
+  TORCH_CHECK(weight.scalar_type() == h.scalar_type() && bias.scalar_type() == h.scalar_type() &&
+                  weight.device() == h.device() && bias.device() == h.device(),
+              "lockstep_output: h, weight and bias must share dtype and device, got ",
+              h.scalar_type(), "/", h.device(), ", ", weight.scalar_type(), "/", weight.device(),
+              " and ", bias.scalar_type(), "/", bias.device());
   return LockstepOutput::apply(h, weight, bias);
 }
 
