@@ -9,8 +9,7 @@ training keeps the training:drawing ratio of a lone session; each session then r
 less often instead of hardly training (8 sessions: 9-12 steps/s in all, with their 8
 browsers on the same 2 cores; 39 steps/s since charts update in place and Streamlit no
 longer collects garbage after every tick). The stretch is capped so that Pause still
-acts within half a second. (These figures were taken at 0.1 s of training per tick; the
-live page now trains 0.08 s a tick, so the cap is reached at 5 sessions instead of 4.)
+acts within half a second.
 """
 
 from __future__ import annotations
