@@ -1,5 +1,7 @@
 """Live training: the same net with and without BatchNorm, trained side by side."""
 
+import time
+
 import streamlit as st
 
 from bn_core import figures, native
@@ -10,15 +12,16 @@ from ui.charts import show_chart
 from ui.export_panel import export_panel
 
 # The browser asks for a tick every TICK_SECONDS (a request that comes while a tick runs
-# waits for it, then starts at once). A tick trains TRAIN_SECONDS and then draws, about
-# 0.2 s in all, so ticks follow each other closely and the browser still has a moment
-# between them to handle a click on Pause: at most 4 redraws a second, 2.8-4.2 measured
-# with server and browser on one 2-core machine (tests/test_browser.py). A 0.2 s tick
-# (0.08 s of training) redrew 4.8-5.2 times a second on a quiet machine, but on a loaded
-# one the ticks ran back to back and clicks on Pause and Reset waited behind them (the
-# browser tests' pause and reset checks failed), so the tick stays at 0.25 s.
-TICK_SECONDS = 0.25
-TRAIN_SECONDS = 0.1  # training per tick (alone on the server), leaving the rest for drawing
+# waits for it, then starts at once). A tick trains up to TRAIN_SECONDS and then draws,
+# about 0.12 s in all on a quiet machine, so the charts redraw 5 times a second and a
+# click on Pause finds the server free. On a machine busy with other work drawing takes
+# longer, and at a fixed training time the ticks ran back to back and clicks on Pause and
+# Reset waited behind them; so each tick trains only what its interval leaves after the
+# last tick's drawing (ui/load.py). Measured with server and browser on one 2-core
+# machine (tests/test_browser.py): 5.0 redraws a second per chart when quiet, 3.8-5.0 with
+# a million-step run or two busy loops on the same cores.
+TICK_SECONDS = 0.2
+TRAIN_SECONDS = 0.08  # the most a tick trains (alone on the server)
 
 ss = session.state()
 
@@ -210,10 +213,11 @@ VIEWS = {
 def live_panel() -> None:
     trainer = ss.trainer
     if ss.playing:
-        trainer.advance(seconds=load.training_seconds(TRAIN_SECONDS))
+        trainer.advance(seconds=load.training_seconds(TRAIN_SECONDS, tick=TICK_SECONDS))
         if trainer.finished:
             ss.playing = False
             st.rerun()  # the whole page, so the Play button shows the finished state
+    drawing_from = time.perf_counter()
     activity = None if ss.playing else ("finished" if trainer.finished else "paused")
     st.markdown(f"**{trainer.status_line(activity)}**")
     history = trainer.history
@@ -270,6 +274,7 @@ def live_panel() -> None:
         show_chart(figures.grad_norms(history), "grad_norms", trainer)
     elif view == "Update:data ratio":
         show_chart(figures.update_ratio(history), "update_ratio", trainer)
+    load.note_drawing(time.perf_counter() - drawing_from)
 
 
 # In a container of its own: the panel's element count changes between its reruns, and

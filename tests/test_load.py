@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from ui.load import MAX_TRAIN_SECONDS, STALE_SECONDS, TrainingShare
+from ui import load
+from ui.load import (
+    CLICK_ROOM_SECONDS,
+    MAX_TRAIN_SECONDS,
+    MIN_TRAIN_SECONDS,
+    STALE_SECONDS,
+    TrainingShare,
+)
 
 
 def test_a_lone_session_trains_its_base_time():
@@ -35,3 +42,30 @@ def test_a_session_that_stopped_ticking_no_longer_counts():
     share.training_seconds("paused", 0.1, now=0.0)
     assert share.training_seconds("me", 0.1, now=STALE_SECONDS - 0.5) == pytest.approx(0.2)
     assert share.training_seconds("me", 0.1, now=STALE_SECONDS + 0.5) == pytest.approx(0.1)
+
+
+def test_a_lone_session_trains_only_the_room_its_tick_leaves():
+    share = TrainingShare()
+    # Plenty of room: the base time.
+    assert share.training_seconds("a", 0.08, now=0.0, room=0.11) == 0.08
+    # A slow drawing leaves less: the tick trains less instead of running into the next.
+    assert share.training_seconds("a", 0.08, now=0.2, room=0.03) == pytest.approx(0.03)
+    # Drawing alone fills the tick: the run still moves a little.
+    assert share.training_seconds("a", 0.08, now=0.4, room=-0.05) == MIN_TRAIN_SECONDS
+
+
+def test_several_sessions_keep_their_stretched_time_whatever_the_room():
+    share = TrainingShare()
+    share.training_seconds("other", 0.08, now=0.0)
+    assert share.training_seconds("me", 0.08, now=0.1, room=0.01) == pytest.approx(0.16)
+
+
+def test_a_tick_fits_its_training_around_the_last_drawing(monkeypatch):
+    monkeypatch.setattr(load, "SHARE", TrainingShare())
+    monkeypatch.setattr(load.st, "session_state", {})
+    # No drawing measured yet (the first tick): the base time.
+    assert load.training_seconds(0.08, tick=0.2) == 0.08
+    load.note_drawing(0.1)
+    assert load.training_seconds(0.08, tick=0.2) == pytest.approx(0.2 - CLICK_ROOM_SECONDS - 0.1)
+    # Pages that do not pace their ticks keep the base time.
+    assert load.training_seconds(0.08) == 0.08

@@ -21,6 +21,8 @@ import uuid
 import streamlit as st
 
 MAX_TRAIN_SECONDS = 0.4  # a tick in flight when Pause is pressed still finishes
+MIN_TRAIN_SECONDS = 0.02  # a busy machine still sees the run move
+CLICK_ROOM_SECONDS = 0.06  # left free in each tick, so a click does not wait for a tick
 STALE_SECONDS = 2.0  # a session that has not ticked for this long (paused) no longer counts
 
 
@@ -31,9 +33,19 @@ class TrainingShare:
         self._last_tick: dict[str, float] = {}
         self._lock = threading.Lock()  # sessions tick in threads of their own
 
-    def training_seconds(self, session: str, base: float, now: float | None = None) -> float:
+    def training_seconds(
+        self, session: str, base: float, now: float | None = None, room: float | None = None
+    ) -> float:
         """This tick's training time for ``session``: ``base`` times the number of
-        sessions training, at least ``base`` and at most MAX_TRAIN_SECONDS."""
+        sessions training, at least ``base`` and at most MAX_TRAIN_SECONDS.
+
+        ``room`` is what a lone session's tick has left for training once it has drawn and
+        left CLICK_ROOM_SECONDS free. On a machine busy with other work drawing takes longer,
+        and a tick that still trained ``base`` would run into the next one: the page would
+        tick back to back and a click on Pause would wait behind the queued ticks. Such a
+        tick trains less (at least MIN_TRAIN_SECONDS) and keeps its redraw rate. Several
+        sessions keep their stretched time: each of them redraws less often by design.
+        """
         now = time.monotonic() if now is None else now
         with self._lock:
             self._last_tick[session] = now
@@ -41,6 +53,8 @@ class TrainingShare:
                 if now - last > STALE_SECONDS:
                     del self._last_tick[other]
             training = len(self._last_tick)
+        if training == 1 and room is not None:
+            return max(MIN_TRAIN_SECONDS, min(base, room))
         return max(base, min(base * training, MAX_TRAIN_SECONDS))
 
 
@@ -52,6 +66,17 @@ def _session() -> str:
     return st.session_state.setdefault("load_session", uuid.uuid4().hex)
 
 
-def training_seconds(base: float) -> float:
-    """How long this session's tick trains, given the sessions training right now."""
-    return SHARE.training_seconds(_session(), base)
+def training_seconds(base: float, tick: float | None = None) -> float:
+    """How long this session's tick trains, given the sessions training right now.
+
+    With ``tick`` (the page's interval between ticks), a lone session's tick also fits
+    its training around the time its last drawing took (see ``note_drawing``).
+    """
+    drawing = st.session_state.get("load_drawing_seconds")
+    room = None if tick is None or drawing is None else tick - CLICK_ROOM_SECONDS - drawing
+    return SHARE.training_seconds(_session(), base, room=room)
+
+
+def note_drawing(seconds: float) -> None:
+    """How long this tick took to draw its charts, for the next tick's training time."""
+    st.session_state["load_drawing_seconds"] = seconds
