@@ -13,6 +13,7 @@
 // It also holds the lockstep MLP's output layer (at the end), which is slow as a plain
 // batched product for 10 classes.
 
+#include <cstring>
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -222,6 +223,17 @@ void save_for_backward(AutogradContext* ctx, const at::Tensor& x_hat, const at::
 // lockstep BatchNorm run passes through, forward and backward.
 void copy_outside(at::Tensor& dst, const at::Tensor& src, int64_t start, int64_t stop) {
   const int64_t V = src.size(0);
+  if (dst.is_contiguous() && src.is_contiguous() && dst.device().is_cpu() &&
+      src.device().is_cpu() && dst.scalar_type() == src.scalar_type()) {
+    // Two plain block copies: through narrow + copy_, each took about as long as the
+    // BatchNorm of a 60 x 100 slab (a plain and a BN variant: 6 such copies per step).
+    const int64_t slab = src.numel() / V * src.element_size();
+    const char* from = static_cast<const char*>(src.const_data_ptr());
+    char* to = static_cast<char*>(dst.mutable_data_ptr());
+    if (start > 0) std::memcpy(to, from, start * slab);
+    if (stop < V) std::memcpy(to + stop * slab, from + stop * slab, (V - stop) * slab);
+    return;
+  }
   if (start > 0) dst.narrow(0, 0, start).copy_(src.narrow(0, 0, start));
   if (stop < V) dst.narrow(0, stop, V - stop).copy_(src.narrow(0, stop, V - stop));
 }
