@@ -36,7 +36,10 @@ from bn_core.probes import (
 
 __all__ = ["DeviceUnavailable", "Trainer", "VariantStatus", "resolve_device"]
 
-_EVAL_CHUNK = 4096
+# Test examples per evaluation pass. A chunk's activations then stay in the CPU's cache:
+# 10,000 MNIST-sized examples, 2 variants, one thread took 75 ms in chunks of 1,024
+# against 90 ms in chunks of 4,096 (and 90 ms in chunks of 256, where per-call costs win).
+_EVAL_CHUNK = 1024
 # The columns _probe measures per layer and variant, in order.
 _PROBE_METRICS = (
     *(f"preact_p{p:g}" for p in FIG1_PERCENTILES),

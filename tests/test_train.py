@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
+import bn_core.train as train_module
 from bn_core.batchnorm import BatchNorm
 from bn_core.config import ConfigError, RunConfig
 from bn_core.data import load_dataset
@@ -330,6 +331,23 @@ def test_test_metrics_and_running_stat_errors_are_direct(digits):
             var_err = (rv - z.var(0)).abs().mean().item()
             assert abs(value_at(t, variant, name, "running_mean_error", 20) - mean_err) < 1e-5
             assert abs(value_at(t, variant, name, "running_var_error", 20) - var_err) < 1e-5
+
+
+def test_test_metrics_add_up_over_evaluation_chunks(digits, monkeypatch):
+    """A test set larger than one evaluation chunk, ending in a partial chunk, gives the
+    same test loss and accuracy as one pass over all of it."""
+    monkeypatch.setattr(train_module, "_EVAL_CHUNK", 100)
+    assert digits.x_test.shape[0] % 100 != 0
+    t = Trainer(small(variants=["plain", "batchnorm"]), digits)
+    t.advance(steps=20)
+    for v, variant in enumerate(t.variant_names):
+        seq = copy.deepcopy(t.model).to_sequential(v).eval()
+        with torch.no_grad():
+            logits = seq(digits.x_test)
+        loss = F.cross_entropy(logits, digits.y_test).item()
+        acc = (logits.argmax(1) == digits.y_test).double().mean().item()
+        assert abs(value_at(t, variant, "", "test_loss", 20) - loss) < 1e-5
+        assert abs(value_at(t, variant, "", "test_accuracy", 20) - acc) < 1e-6
 
 
 def test_probe_and_eval_passes_leave_bn_buffers_alone(digits):
