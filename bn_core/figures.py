@@ -762,7 +762,7 @@ def _downsample(n: int, max_columns: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, max(max_columns, 1)).round().astype(np.int64))
 
 
-def _every_kth(n: int, max_columns: int) -> np.ndarray:
+def _evenly_spaced_columns(n: int, max_columns: int) -> np.ndarray:
     """At most max_columns indices into n at one fixed spacing, ending with the last.
 
     A heatmap whose columns are evenly spaced is drawn by plotly.js as one small image
@@ -772,19 +772,22 @@ def _every_kth(n: int, max_columns: int) -> np.ndarray:
     evenly spaced too. The newest is always kept; the oldest only when the spacing lands
     on it (otherwise the first column is within k - 1 stored steps of it).
     """
-    if n <= max_columns:
+    most = max(max_columns, 1)
+    if n <= most:
         return np.arange(n)
-    k = -(-(n - 1) // max(max_columns - 1, 1))  # ceil: at most max_columns indices
+    k = -(-n // most)  # ceil(n / most): then (n - 1) // k + 1 <= most indices
     return np.arange((n - 1) % k, n, k)
 
 
 def preact_heatmaps(
-    history: History, *, kind: str = "preact", max_columns: int = 120, theme: str = "screen"
+    history: History, *, kind: str = "preact", max_columns: int = 200, theme: str = "screen"
 ) -> go.Figure:
     """Histograms over steps as heatmaps (TensorBoard's offset view): layers x variants.
 
     Color is the density of values in each step's histogram, scaled per step so its peak
-    is darkest, and sent as uint8 so the figure stays small.
+    is darkest, and sent as uint8 so the figure stays small. By default every histogram
+    a run keeps (200, its default max_histograms) is a column; a run that keeps more shows
+    every k-th, evenly spaced.
     """
     _check_theme(theme)
     variants, layers = history.variants(), history.layers()
@@ -810,7 +813,7 @@ def preact_heatmaps(
             steps, counts = history.histograms(variant, layer, kind)
             if not len(steps):
                 continue
-            keep = _every_kth(len(steps), max_columns)
+            keep = _evenly_spaced_columns(len(steps), max_columns)
             canvas.add(
                 canvas.panel(r + 1, c + 1),
                 {

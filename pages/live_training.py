@@ -1,12 +1,11 @@
 """Live training: the same net with and without BatchNorm, trained side by side."""
 
-import time
-
 import streamlit as st
 
 from bn_core import figures, native
 from bn_core.config import FIELDS
 from bn_core.data import DATASETS
+from bn_core.train import Trainer
 from ui import load, session
 from ui.charts import show_chart
 from ui.export_panel import export_panel
@@ -16,10 +15,11 @@ from ui.export_panel import export_panel
 # about 0.12 s in all on a quiet machine, so the charts redraw 5 times a second and a
 # click on Pause finds the server free. On a machine busy with other work drawing takes
 # longer, and at a fixed training time the ticks ran back to back and clicks on Pause and
-# Reset waited behind them; so each tick trains only what its interval leaves after the
-# last tick's drawing (ui/load.py). Measured with server and browser on one 2-core
-# machine (tests/test_browser.py): 5.0 redraws a second per chart when quiet, 3.8-5.0 with
-# a million-step run or two busy loops on the same cores.
+# Reset waited behind them. So a lone session's tick trains only what its interval leaves
+# after the last tick's drawing and 0.06 s kept free for clicks, and at least 0.02 s
+# (ui/load.py). Measured with server and browser on one 2-core machine
+# (tests/test_browser.py): 5.0 redraws a second per chart when quiet, 3.8-5.0 with a
+# million-step run or two busy loops on the same cores.
 TICK_SECONDS = 0.2
 TRAIN_SECONDS = 0.08  # the most a tick trains (alone on the server)
 
@@ -217,7 +217,12 @@ def live_panel() -> None:
         if trainer.finished:
             ss.playing = False
             st.rerun()  # the whole page, so the Play button shows the finished state
-    drawing_from = time.perf_counter()
+    with load.drawing():
+        draw_panel(trainer)
+
+
+def draw_panel(trainer: Trainer) -> None:
+    """The status line, the loss chart and the chosen view's chart, from the run so far."""
     activity = None if ss.playing else ("finished" if trainer.finished else "paused")
     st.markdown(f"**{trainer.status_line(activity)}**")
     history = trainer.history
@@ -274,7 +279,6 @@ def live_panel() -> None:
         show_chart(figures.grad_norms(history), "grad_norms", trainer)
     elif view == "Update:data ratio":
         show_chart(figures.update_ratio(history), "update_ratio", trainer)
-    load.note_drawing(time.perf_counter() - drawing_from)
 
 
 # In a container of its own: the panel's element count changes between its reruns, and

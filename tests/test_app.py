@@ -181,7 +181,7 @@ def test_play_sets_playing_and_trains(at):
 def test_pause_click_delivered_twice_stays_paused(at):
     """One Pause click that reaches the server twice must still leave the run paused.
 
-    In the browser, while the fragment reruns every 0.25 s, a single Pause click is now and
+    In the browser, while the fragment reruns every 0.2 s, a single Pause click is now and
     then handled twice (server log: playing True -> False, then False -> True 0.5 s later at
     the same step), so the run silently keeps playing. Here the click is delivered twice by
     re-sending the widget states of the page it was made on. Fails while the button's

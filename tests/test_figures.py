@@ -337,13 +337,37 @@ def synthetic_history(n_hist=200, bins=60, variants=("plain", "batchnorm"), laye
 
 
 def test_heatmap_json_stays_small():
+    """A run's default 200 histograms are all shown, in a figure that stays small."""
     h = synthetic_history()
-    fig = figures.preact_heatmaps(h, max_columns=200)
+    fig = figures.preact_heatmaps(h)
+    assert {t.z.shape[1] for t in fig.data if t.type == "heatmap"} == {200}
     text = fig.to_json()
     assert len(text) < 150_000, len(text)
     z = json.loads(text)["data"][-1]["z"]
     assert z["dtype"] == "u1" and "bdata" in z  # base64 typed array, not nested lists
-    assert len(figures.preact_heatmaps(h).to_json()) < len(text)  # 120 columns by default
+    # A run that keeps more histograms is thinned to the same size.
+    more = figures.preact_heatmaps(synthetic_history(n_hist=450))
+    assert {t.z.shape[1] for t in more.data if t.type == "heatmap"} == {150}  # every 3rd
+    assert len(more.to_json()) < 150_000
+
+
+@pytest.mark.parametrize("max_columns", [-1, 0, 1, 2, 3, 7, 120, 200])
+def test_evenly_spaced_columns_for_every_length(max_columns):
+    most = max(max_columns, 1)
+    for n in range(0, 450):
+        keep = figures._evenly_spaced_columns(n, max_columns)
+        if n <= most:
+            assert keep.tolist() == list(range(n))
+        else:  # thinned, but never to less than half of what is allowed
+            assert most // 2 < len(keep) <= most, (n, max_columns, len(keep))
+        if n == 0:
+            continue
+        assert keep[-1] == n - 1 and keep[0] >= 0
+        gaps = set(np.diff(keep).tolist())
+        assert len(gaps) <= 1, (n, max_columns, gaps)
+        # The columns left out at the start are fewer than one spacing (a lone column's
+        # spacing is the whole run: ceil(n / most)).
+        assert keep[0] < (gaps.pop() if gaps else -(-n // most))
 
 
 def test_histogram_overlay_shows_shares_at_the_step_actually_stored(history):

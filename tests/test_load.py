@@ -52,6 +52,8 @@ def test_a_lone_session_trains_only_the_room_its_tick_leaves():
     assert share.training_seconds("a", 0.08, now=0.2, room=0.03) == pytest.approx(0.03)
     # Drawing alone fills the tick: the run still moves a little.
     assert share.training_seconds("a", 0.08, now=0.4, room=-0.05) == MIN_TRAIN_SECONDS
+    # ... but never longer than its base time.
+    assert share.training_seconds("a", 0.01, now=0.6, room=-0.05) == 0.01
 
 
 def test_several_sessions_keep_their_stretched_time_whatever_the_room():
@@ -63,9 +65,16 @@ def test_several_sessions_keep_their_stretched_time_whatever_the_room():
 def test_a_tick_fits_its_training_around_the_last_drawing(monkeypatch):
     monkeypatch.setattr(load, "SHARE", TrainingShare())
     monkeypatch.setattr(load.st, "session_state", {})
+    clock = iter([10.0, 10.1, 20.0])  # the drawing below takes 0.1 s
+    monkeypatch.setattr(load.time, "perf_counter", lambda: next(clock))
     # No drawing measured yet (the first tick): the base time.
     assert load.training_seconds(0.08, tick=0.2) == 0.08
-    load.note_drawing(0.1)
+    with load.drawing():
+        pass
     assert load.training_seconds(0.08, tick=0.2) == pytest.approx(0.2 - CLICK_ROOM_SECONDS - 0.1)
     # Pages that do not pace their ticks keep the base time.
     assert load.training_seconds(0.08) == 0.08
+    # A drawing cut short (by a rerun) leaves the last measurement as it was.
+    with pytest.raises(RuntimeError), load.drawing():
+        raise RuntimeError("rerun")
+    assert load.training_seconds(0.08, tick=0.2) == pytest.approx(0.2 - CLICK_ROOM_SECONDS - 0.1)

@@ -14,9 +14,11 @@ acts within half a second.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import streamlit as st
 
@@ -36,15 +38,17 @@ class TrainingShare:
     def training_seconds(
         self, session: str, base: float, now: float | None = None, room: float | None = None
     ) -> float:
-        """This tick's training time for ``session``: ``base`` times the number of
-        sessions training, at least ``base`` and at most MAX_TRAIN_SECONDS.
+        """This tick's training time for ``session``.
 
-        ``room`` is what a lone session's tick has left for training once it has drawn and
-        left CLICK_ROOM_SECONDS free. On a machine busy with other work drawing takes longer,
-        and a tick that still trained ``base`` would run into the next one: the page would
-        tick back to back and a click on Pause would wait behind the queued ticks. Such a
-        tick trains less (at least MIN_TRAIN_SECONDS) and keeps its redraw rate. Several
-        sessions keep their stretched time: each of them redraws less often by design.
+        Several sessions: ``base`` times the number of sessions training, at least ``base``
+        and at most MAX_TRAIN_SECONDS. Each of them then redraws less often, by design.
+
+        A lone session: ``base``, or less when ``room`` is given. ``room`` is what its tick
+        has left for training once it has drawn and kept CLICK_ROOM_SECONDS free. On a
+        machine busy with other work drawing takes longer, and a tick that still trained
+        ``base`` would run into the next one: the page would tick back to back and a click
+        on Pause would wait behind the queued ticks. Such a tick trains less (at least
+        MIN_TRAIN_SECONDS, or ``base`` if that is shorter) and keeps its redraw rate.
         """
         now = time.monotonic() if now is None else now
         with self._lock:
@@ -54,7 +58,7 @@ class TrainingShare:
                     del self._last_tick[other]
             training = len(self._last_tick)
         if training == 1 and room is not None:
-            return max(MIN_TRAIN_SECONDS, min(base, room))
+            return max(min(MIN_TRAIN_SECONDS, base), min(base, room))
         return max(base, min(base * training, MAX_TRAIN_SECONDS))
 
 
@@ -70,13 +74,20 @@ def training_seconds(base: float, tick: float | None = None) -> float:
     """How long this session's tick trains, given the sessions training right now.
 
     With ``tick`` (the page's interval between ticks), a lone session's tick also fits
-    its training around the time its last drawing took (see ``note_drawing``).
+    its training around the time its last drawing took (see ``drawing``).
     """
     drawing = st.session_state.get("load_drawing_seconds")
     room = None if tick is None or drawing is None else tick - CLICK_ROOM_SECONDS - drawing
     return SHARE.training_seconds(_session(), base, room=room)
 
 
-def note_drawing(seconds: float) -> None:
-    """How long this tick took to draw its charts, for the next tick's training time."""
-    st.session_state["load_drawing_seconds"] = seconds
+@contextlib.contextmanager
+def drawing() -> Iterator[None]:
+    """Times a tick's drawing, for the next tick's training time (``training_seconds``).
+
+    Only a drawing that ends normally counts: one cut short by a rerun says nothing about
+    what the next one will cost.
+    """
+    start = time.perf_counter()
+    yield
+    st.session_state["load_drawing_seconds"] = time.perf_counter() - start

@@ -222,16 +222,22 @@ void save_for_backward(AutogradContext* ctx, const at::Tensor& x_hat, const at::
 // dst = src for the variants outside [start, stop) of a (V, ...) tensor: the ones a
 // lockstep BatchNorm run passes through, forward and backward.
 void copy_outside(at::Tensor& dst, const at::Tensor& src, int64_t start, int64_t stop) {
+  TORCH_INTERNAL_ASSERT(dst.sizes() == src.sizes());
   const int64_t V = src.size(0);
   if (dst.is_contiguous() && src.is_contiguous() && dst.device().is_cpu() &&
-      src.device().is_cpu() && dst.scalar_type() == src.scalar_type()) {
-    // Two plain block copies: through narrow + copy_, each took about as long as the
-    // BatchNorm of a 60 x 100 slab (a plain and a BN variant: 6 such copies per step).
-    const int64_t slab = src.numel() / V * src.element_size();
+      src.device().is_cpu() && dst.scalar_type() == src.scalar_type() && !src.is_neg() &&
+      !src.is_conj()) {
+    // Plain block copies (the stacked kernel's inputs and outputs are always contiguous):
+    // through narrow + copy_, each took about as long as normalizing a 60 x 100 slab, and
+    // a plain + BN pair with 3 BN layers makes 6 such copies per step.
+    const int64_t slab_bytes = src.numel() / V * src.element_size();
+    if (slab_bytes == 0) return;
     const char* from = static_cast<const char*>(src.const_data_ptr());
     char* to = static_cast<char*>(dst.mutable_data_ptr());
-    if (start > 0) std::memcpy(to, from, start * slab);
-    if (stop < V) std::memcpy(to + stop * slab, from + stop * slab, (V - stop) * slab);
+    if (start > 0) std::memcpy(to, from, start * slab_bytes);
+    if (stop < V) {
+      std::memcpy(to + stop * slab_bytes, from + stop * slab_bytes, (V - stop) * slab_bytes);
+    }
     return;
   }
   if (start > 0) dst.narrow(0, 0, start).copy_(src.narrow(0, 0, start));
