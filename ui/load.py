@@ -76,8 +76,10 @@ def training_seconds(base: float, tick: float | None = None) -> float:
     With ``tick`` (the page's interval between ticks), a lone session's tick also fits
     its training around the time its last drawing took (see ``drawing``).
     """
-    drawing = st.session_state.get("load_drawing_seconds")
-    room = None if tick is None or drawing is None else tick - CLICK_ROOM_SECONDS - drawing
+    last_drawing = st.session_state.get("load_drawing_seconds")
+    room = (
+        None if tick is None or last_drawing is None else tick - CLICK_ROOM_SECONDS - last_drawing
+    )
     return SHARE.training_seconds(_session(), base, room=room)
 
 
