@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bn_core.background import BackgroundTelemetry, unavailable_reason
 from bn_core.batchnorm import noise_states
 from bn_core.config import FIELDS, LIVE_FIELDS, ConfigError, RunConfig
 from bn_core.data import Dataset, load_dataset
@@ -157,11 +158,19 @@ class Trainer:
     """Trains a run's variants in lockstep and records their telemetry in a History."""
 
     def __init__(
-        self, config: RunConfig, dataset: Dataset | None = None, measure_layers: bool = True
+        self,
+        config: RunConfig,
+        dataset: Dataset | None = None,
+        measure_layers: bool = True,
+        background: bool | None = None,
     ) -> None:
         """``measure_layers=False`` logs only the losses and test metrics: no probe pass,
         gradient measures or running-stat errors, for a caller that shows none of them
-        (the learning-rate sweep). Training is the same either way."""
+        (the learning-rate sweep). Training is the same either way.
+
+        ``background``: take the logged-step measures on a worker thread (see
+        bn_core/background.py); None does so wherever that is supported, False never,
+        True insists (ValueError where it is not supported)."""
         self.config = config
         self.measure_layers = measure_layers
         self.device = resolve_device(config.device)
@@ -200,11 +209,11 @@ class Trainer:
         self.optimizer = _LockstepOptimizer(
             self.model, config.optimizer, self._lrs(), config.momentum
         )
-        self.history = History(config.max_points, config.max_histograms)
+        self._history = History(config.max_points, config.max_histograms)
         h, bins = config.hist_range, config.hist_bins
         lo, hi = postact_range(config.activation, h)
-        self.history.set_bin_edges("preact", torch.linspace(-h, h, bins + 1).numpy())
-        self.history.set_bin_edges("postact", torch.linspace(lo, hi, bins + 1).numpy())
+        self._history.set_bin_edges("preact", torch.linspace(-h, h, bins + 1).numpy())
+        self._history.set_bin_edges("postact", torch.linspace(lo, hi, bins + 1).numpy())
         # The probe's search boundaries on the nonlinearity's input: the inner edges of
         # the input histogram, the inner edges of the output histogram mapped back through
         # the (monotone) nonlinearity, the histogram range, and the saturation cut-offs.
@@ -214,6 +223,21 @@ class Trainer:
         if cut is not None:
             parts.append(torch.tensor([-cut, cut]))
         self._probe_cuts = torch.cat(parts).float().to(dev).unsqueeze(0)
+        self._background: BackgroundTelemetry | None = None
+        if measure_layers and background is not False:
+            why_not = unavailable_reason(self.model, self.x_probe, config.activation)
+            if why_not is not None and background:
+                raise ValueError(f"measures on a worker thread are not available: {why_not}")
+            if why_not is None:
+                self._background = BackgroundTelemetry(
+                    self.model,
+                    self.x_probe,
+                    self._probe_cuts,
+                    activation=config.activation,
+                    unit=config.probe_unit,
+                    layer_percentiles=FIG1_PERCENTILES + BAND_PERCENTILES,
+                    unit_percentiles=FIG1_PERCENTILES,
+                )
         self.step = 0
         self.steps_per_second = 0.0
         self._batch_gen = torch.Generator().manual_seed(config.seed + 1)
@@ -224,6 +248,22 @@ class Trainer:
         self._evaluate()
 
     # --- public API ----------------------------------------------------------------------
+    @property
+    def history(self) -> History:
+        """Everything recorded so far, including the measures still out on the worker."""
+        self.wait_for_measures()
+        return self._history
+
+    def wait_for_measures(self) -> None:
+        """Record every measure still out on the worker thread (waits for them)."""
+        if self._background is not None:
+            self._background.record_finished(wait=True)
+
+    @property
+    def measures_in_background(self) -> bool:
+        """Whether logged-step measures are taken on a worker thread."""
+        return self._background is not None
+
     @property
     def finished(self) -> bool:
         return self.step >= self.config.steps or not any(s.state == "running" for s in self.status)
@@ -274,7 +314,7 @@ class Trainer:
                 for module in self._bn_layers:
                     module.momentum = value
             events.append(
-                self.history.add_event(
+                self._history.add_event(
                     self.step,
                     name,
                     math.nan if old is None else old,
@@ -343,7 +383,7 @@ class Trainer:
         if before is not None:
             self._measure_ics(x, y, before, noise)
         self.step += 1
-        self.history.note_step(self.step)
+        self._history.note_step(self.step)
         if self.step % cfg.eval_every == 0 or self.step >= cfg.steps:
             self._evaluate()
 
@@ -368,12 +408,20 @@ class Trainer:
         self._loss_sum = [0.0] * len(window)
         self._loss_count = 0
         running = self._running()
+        if self._background is not None and self.measure_layers:
+            step = self.step
+            self._background.measure(
+                self.optimizer.lrs,
+                records,
+                lambda *m: self._record_measured(step, running, window, *m),
+            )
+            return
         rows: dict[int, list[tuple[str, str, float]]] = {v: [] for v in running}
         for v in running:
             rows[v].append(("", "loss", window[v]))
         if not self.measure_layers:
             for v in running:
-                self.history.add_many(self.step, self.variant_names[v], rows[v])
+                self._history.add_many(self.step, self.variant_names[v], rows[v])
             return
         # Every gradient measure of every layer and variant in a few stacked ops and one
         # copy to the host: per-variant loops would cost more than the step itself.
@@ -394,6 +442,13 @@ class Trainer:
             ]
             per_layer.append(torch.stack([c.float() for c in columns], dim=1))
         table = torch.stack(per_layer).detach().cpu().numpy()  # (layers, variants, measures)
+        self._add_gradient_rows(table, running, rows)
+        self._probe(running, rows)
+        for v in running:
+            self._history.add_many(self.step, self.variant_names[v], rows[v])
+
+    def _add_gradient_rows(self, table, running: list[int], rows: dict[int, list]) -> None:
+        """table (layers, variants, 5): the gradient measures as history rows."""
         for li, name in enumerate(self.model.layer_names):
             for v in running:
                 grad_norm, ratio, bias_norm, bias_grad_norm, out_grad_norm = table[li, v]
@@ -406,9 +461,26 @@ class Trainer:
                 ]
                 if math.isfinite(out_grad_norm):
                     rows[v].append((name, "out_grad_norm", float(out_grad_norm)))
-        self._probe(running, rows)
+
+    def _record_measured(
+        self, step: int, running: list[int], loss: list[float], table, counts, dead, grads
+    ) -> None:
+        """Write a logged step's measures from the worker thread into the history: the
+        same rows, in the same order, as the measures taken in line."""
+        rows = {v: [("", "loss", loss[v])] for v in running}
+        self._add_gradient_rows(grads, running, rows)
+        n = self.x_probe.shape[0] * self.config.width
+        self._add_probe_rows(
+            step,
+            running,
+            table[:, running],
+            counts[:, running],
+            [n] * len(self.model.layer_names),
+            dead[:, running] if self.config.activation == "relu" else None,
+            rows,
+        )
         for v in running:
-            self.history.add_many(self.step, self.variant_names[v], rows[v])
+            self._history.add_many(step, self.variant_names[v], rows[v])
 
     @torch.no_grad()
     def _probe(self, running: list[int], rows: dict[int, list]) -> None:
@@ -453,32 +525,50 @@ class Trainer:
             below.append(torch.searchsorted(pre_sorted, cuts))
         # One copy to the host for all numbers of this logged step.
         table = torch.stack(columns).double().cpu().numpy()
-        below_np = [b.cpu().numpy() for b in below]
-        bins = cfg.hist_bins
-        for li, rec in enumerate(records):
-            n = rec.preact[0].numel()
-            counts = below_np[li]  # (R, cuts): values below each cut
-            pre_hist = np.diff(counts[:, : bins - 1], prepend=0, append=n)
-            post_hist = np.diff(counts[:, bins - 1 : 2 * bins - 2], prepend=0, append=n)
-            clip_lo, clip_hi = counts[:, 2 * bins - 2], counts[:, 2 * bins - 1]
-            clipped = (clip_lo + n - clip_hi) / n
-            if counts.shape[1] > 2 * bins:
-                sat_lo, sat_hi = counts[:, 2 * bins], counts[:, 2 * bins + 1]
-                saturation = (sat_lo + n - sat_hi) / n
-            else:
-                post = rec.postact if every else rec.postact[idx]
-                saturation = (
-                    saturation_fraction(post, cfg.activation, cfg.saturation_threshold)
-                    .cpu()
-                    .numpy()
+        counts = [b.cpu().numpy() for b in below]
+        saturation = None
+        if counts[0].shape[1] <= 2 * cfg.hist_bins:  # no cut-offs: ReLU's dead units
+            saturation = [
+                saturation_fraction(
+                    rec.postact if every else rec.postact[idx],
+                    cfg.activation,
+                    cfg.saturation_threshold,
                 )
+                .cpu()
+                .numpy()
+                for rec in records
+            ]
+        sizes = [rec.preact[0].numel() for rec in records]
+        self._add_probe_rows(self.step, running, table, counts, sizes, saturation, rows)
+
+    def _add_probe_rows(
+        self, step: int, running: list[int], table, counts, sizes, saturation, rows
+    ) -> None:
+        """The probe's numbers as history rows and histograms.
+
+        table (layers, R, columns) holds _PROBE_METRICS' first columns, counts (layers, R,
+        cuts) the probe values below each cut, sizes each layer's values per variant, and
+        saturation (layers, R) the dead-unit shares where no cut-offs define saturation.
+        """
+        bins = self.config.hist_bins
+        for li, name in enumerate(self.model.layer_names):
+            n, below = sizes[li], counts[li]  # below: (R, cuts), the values below each cut
+            pre_hist = np.diff(below[:, : bins - 1], prepend=0, append=n)
+            post_hist = np.diff(below[:, bins - 1 : 2 * bins - 2], prepend=0, append=n)
+            clip_lo, clip_hi = below[:, 2 * bins - 2], below[:, 2 * bins - 1]
+            clipped = (clip_lo + n - clip_hi) / n
+            if saturation is None:
+                sat_lo, sat_hi = below[:, 2 * bins], below[:, 2 * bins + 1]
+                saturated = (sat_lo + n - sat_hi) / n
+            else:
+                saturated = saturation[li]
             for ri, v in enumerate(running):
-                values = [*table[li, ri], clipped[ri], saturation[ri]]
+                values = [*table[li, ri], clipped[ri], saturated[ri]]
                 for metric, value in zip(_PROBE_METRICS, values, strict=True):
-                    rows[v].append((rec.name, metric, float(value)))
+                    rows[v].append((name, metric, float(value)))
                 variant = self.variant_names[v]
-                self.history.add_histogram(self.step, variant, rec.name, "preact", pre_hist[ri])
-                self.history.add_histogram(self.step, variant, rec.name, "postact", post_hist[ri])
+                self._history.add_histogram(step, variant, name, "preact", pre_hist[ri])
+                self._history.add_histogram(step, variant, name, "postact", post_hist[ri])
 
     # --- Santurkar et al.'s measurements -----------------------------------------------
     def _measure_ics(self, x, y, before: list[torch.Tensor], noise: list) -> None:
@@ -493,7 +583,7 @@ class Trainer:
             rows = []
             for layer, (l2, cos) in table.items():
                 rows += [(layer, "ics_l2", l2[v]), (layer, "ics_cos", cos[v])]
-            self.history.add_many(self.step, self.variant_names[v], rows)
+            self._history.add_many(self.step, self.variant_names[v], rows)
 
     def _probe_landscape(self, x, y, noise: list) -> None:
         """Loss and gradient along -g before the optimizer step (nothing is changed)."""
@@ -519,7 +609,7 @@ class Trainer:
             rows = [
                 ("", m, float(val)) for m, val in zip(LANDSCAPE_METRICS, summary[v], strict=True)
             ]
-            self.history.add_many(self.step, self.variant_names[v], rows)
+            self._history.add_many(self.step, self.variant_names[v], rows)
 
     @torch.no_grad()
     def _evaluate(self) -> None:
@@ -527,11 +617,23 @@ class Trainer:
         running = self._running()
         if not running:
             return
+        n = self.x_test.shape[0]
+        if self._background is not None:
+            step = self.step
+            self._background.evaluate(
+                self.x_test,
+                self.y_test,
+                _EVAL_CHUNK,
+                self.x_stats,
+                lambda loss_sum, correct, errors: self._record_evaluation(
+                    step, running, (loss_sum / n).tolist(), (correct / n).tolist(), errors
+                ),
+            )
+            return
         self.model.eval()
         V = len(self.variant_names)
         loss_sum = torch.zeros(V, device=self.device)
         correct = torch.zeros(V, device=self.device)
-        n = self.x_test.shape[0]
         for i in range(0, n, _EVAL_CHUNK):
             xb, yb = self.x_test[i : i + _EVAL_CHUNK], self.y_test[i : i + _EVAL_CHUNK]
             logits, _ = self.model(xb)
@@ -548,7 +650,29 @@ class Trainer:
         for v in running:
             rows = [("", "test_loss", test_loss[v]), ("", "test_accuracy", test_acc[v])]
             rows += errors.get(v, [])
-            self.history.add_many(self.step, self.variant_names[v], rows)
+            self._history.add_many(self.step, self.variant_names[v], rows)
+
+    def _record_evaluation(
+        self, step: int, running: list[int], test_loss, test_acc, error_table
+    ) -> None:
+        """Write an evaluation from the worker thread into the history, as _evaluate does."""
+        errors: dict[int, list] = {}
+        values = iter(error_table.tolist())  # one (mean, var) row per variant of each run
+        for layer, start, stop in self._background.bn_runs:
+            name = self.model.layer_names[layer]
+            for v in range(start, stop):
+                mean_err, var_err = next(values)
+                if v in running:
+                    errors.setdefault(v, []).extend(
+                        [
+                            (name, "running_mean_error", mean_err),
+                            (name, "running_var_error", var_err),
+                        ]
+                    )
+        for v in running:
+            rows = [("", "test_loss", test_loss[v]), ("", "test_accuracy", test_acc[v])]
+            rows += errors.get(v, [])
+            self._history.add_many(step, self.variant_names[v], rows)
 
     def _running_stat_errors(self, running: list[int]) -> dict[int, list]:
         """|running stat - the statistic over training examples|, per BN layer.

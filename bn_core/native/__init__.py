@@ -32,6 +32,8 @@ __all__ = [
     "load",
     "load_output",
     "load_stacked",
+    "load_evaluation",
+    "load_telemetry",
     "status",
 ]
 
@@ -44,6 +46,8 @@ _lock = threading.Lock()
 _op = None  # the loaded operator, once loaded
 _stacked_op = None  # its lockstep form, loaded with it
 _output_op = None  # the lockstep output layer, loaded with it
+_telemetry_op = None  # a lockstep MLP's logged-step measures, loaded with it
+_evaluation_op = None  # a lockstep MLP's test metrics and running-stat errors, likewise
 _error: str | None = None  # why it is not loaded, once a load was tried
 
 
@@ -88,7 +92,7 @@ def load():
     Returns the raw C++ callable: going through ``torch.ops``' Python wrapper on every
     call would cost a few microseconds a layer.
     """
-    global _op, _stacked_op, _output_op, _error
+    global _op, _stacked_op, _output_op, _telemetry_op, _evaluation_op, _error
     if _op is not None or _error is not None:  # every forward pass asks: no lock then
         return _op
     with _lock:
@@ -104,8 +108,13 @@ def load():
             ops = torch.ops.bn_core
             stacked = ops.batch_norm_train_stacked.default._op
             output = ops.lockstep_output.default._op
+            # These two run on a worker thread: torch.ops releases the interpreter lock
+            # for the whole call.
+            telemetry = ops.lockstep_mlp_telemetry.default._op
+            evaluation = ops.lockstep_mlp_evaluation.default._op
             # _op last: the lock-free check above must never see it before the others.
             _stacked_op, _output_op = stacked, output
+            _telemetry_op, _evaluation_op = telemetry, evaluation
             _op = ops.batch_norm_train.default._op
         except (OSError, RuntimeError, AttributeError) as err:  # a broken or foreign build
             _error = f"could not be loaded ({type(err).__name__}: {err})"
@@ -130,6 +139,26 @@ def load_output():
     """
     load()
     return _output_op
+
+
+def load_telemetry():
+    """``bn_core::lockstep_mlp_telemetry``, or None when the kernel is not built.
+
+    Everything a logged step measures of a lockstep MLP, from snapshots of its weights and
+    gradients, in one call that holds no interpreter lock; see bn_core/background.py.
+    """
+    load()
+    return _telemetry_op
+
+
+def load_evaluation():
+    """``bn_core::lockstep_mlp_evaluation``, or None when the kernel is not built.
+
+    A lockstep MLP's test loss, accuracy and running-statistic errors from snapshots of
+    its parameters and buffers, in one call that holds no interpreter lock.
+    """
+    load()
+    return _evaluation_op
 
 
 def status() -> str:

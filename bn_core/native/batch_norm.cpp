@@ -21,7 +21,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <vector>
 
@@ -585,6 +587,294 @@ at::Tensor lockstep_output(const at::Tensor& h, const at::Tensor& weight, const 
   return LockstepOutput::apply(h, weight, bias);
 }
 
+
+// --- the telemetry of a lockstep MLP ---------------------------------------------------
+// What bn_core/train.py measures at a logged step (its _probe and gradient measures), in
+// one call on snapshots of the weights. The trainer runs it on a worker thread: torch.ops
+// releases the interpreter lock for the whole call, so on a second core it costs the
+// training loop only the snapshot and the bookkeeping. As a chain of Python tensor ops on
+// that thread, every op took the lock back and forth with the training loop, and most of
+// the gain was lost. bn_core/background.py holds the Python side; tests hold this to the
+// Python measures.
+
+// Order-preserving unsigned keys for floats (negatives reversed), every NaN last, as
+// numpy sorts them.
+inline uint32_t float_key(float f) {
+  if (std::isnan(f)) return 0xFFFFFFFFu;
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+inline float key_float(uint32_t key) {
+  uint32_t bits = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// values[0, n) sorted ascending into out: a least-significant-digit radix sort of the keys
+// in three 11-bit passes. A layer's 30,000 probe values sort about 5x faster than with
+// std::sort, and the numbers are the same.
+void radix_sort(const float* values, float* out, int64_t n, std::vector<uint32_t>& a,
+                std::vector<uint32_t>& b) {
+  a.resize(n);
+  b.resize(n);
+  std::vector<int64_t> count(3 * 2048, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t k = float_key(values[i]);
+    a[i] = k;
+    ++count[k & 2047];
+    ++count[2048 + ((k >> 11) & 2047)];
+    ++count[4096 + (k >> 22)];
+  }
+  uint32_t* src = a.data();
+  uint32_t* dst = b.data();
+  for (int pass = 0; pass < 3; ++pass) {
+    int64_t* c = count.data() + 2048 * pass;
+    int64_t total = 0;
+    for (int d = 0; d < 2048; ++d) {
+      const int64_t here = c[d];
+      c[d] = total;
+      total += here;
+    }
+    const int shift = 11 * pass;
+    for (int64_t i = 0; i < n; ++i) dst[c[(src[i] >> shift) & 2047]++] = src[i];
+    std::swap(src, dst);
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = key_float(src[i]);
+}
+
+// numpy.percentile's default rule (linear between closest ranks), with torch.lerp's
+// rounding, as bn_core.probes.quantiles_of_sorted computes it.
+float quantile_of_sorted(const float* sorted, int64_t n, double percentile) {
+  const double pos = percentile / 100.0 * static_cast<double>(n - 1);
+  const int64_t lo = std::min<int64_t>(std::max<int64_t>(static_cast<int64_t>(std::floor(pos)), 0), n - 1);
+  const int64_t hi = std::min<int64_t>(lo + 1, n - 1);
+  const float w = static_cast<float>(pos - static_cast<double>(lo));
+  const float a = sorted[lo], d = sorted[hi] - sorted[lo];
+  return w < 0.5f ? a + w * d : sorted[hi] - d * (1.0f - w);
+}
+
+// A lockstep MLP's BatchNorm runs (variants [start, stop) sharing one module), listed
+// with the layer each normalizes.
+struct BnRuns {
+  at::IntArrayRef layer, start, stop;
+  at::TensorList gamma, beta;
+  at::ArrayRef<double> eps;
+  // Running statistics for an eval-mode pass; empty lists: batch statistics.
+  at::TensorList running_mean, running_var;
+};
+
+// The hidden layers of a lockstep MLP on x: the forward of bn_core.models.LockstepMLP, with
+// the same products and the same compiled BatchNorm (batch statistics, no running update),
+// so the numbers match the training code's. In eval mode (running statistics given) a BN
+// run is the affine map of BatchNorm.forward's inference branch. Returns each layer's
+// pre-activation and BN input, and the last hidden output as the final element.
+std::vector<at::Tensor> mlp_hidden(const at::Tensor& x, at::TensorList weights,
+                                   at::TensorList biases, const at::Tensor& bias_mask,
+                                   const BnRuns& bn, int64_t activation, bool before,
+                                   std::vector<at::Tensor>* bn_inputs) {
+  const int64_t L = static_cast<int64_t>(weights.size());
+  const int64_t V = weights[0].size(0);
+  const bool eval = !bn.running_mean.empty();
+  at::Tensor h = x.unsqueeze(0).expand({V, x.size(0), x.size(1)});
+  std::vector<at::Tensor> preacts;
+  auto normalize = [&](at::Tensor t, int64_t layer) {
+    for (size_t r = 0; r < bn.layer.size(); ++r) {
+      if (bn.layer[r] != layer) continue;
+      if (!eval) {
+        t = batch_norm_train_stacked(t.contiguous(), bn.gamma[r], bn.beta[r], std::nullopt,
+                                     std::nullopt, bn.start[r], bn.stop[r], bn.eps[r], 0.0, true);
+        continue;
+      }
+      const int64_t G = bn.stop[r] - bn.start[r], C = t.size(2);
+      const at::Tensor scale = (bn.running_var[r] + bn.eps[r]).rsqrt() * bn.gamma[r];
+      const at::Tensor shift = bn.beta[r] - bn.running_mean[r] * scale;
+      t = t.clone();
+      at::Tensor slab = t.narrow(0, bn.start[r], G);
+      slab.copy_(at::addcmul(shift.view({G, 1, C}), slab, scale.view({G, 1, C})));
+    }
+    return t;
+  };
+  auto act = [&](const at::Tensor& t) {
+    return activation == 0 ? at::sigmoid(t) : activation == 1 ? at::tanh(t) : at::relu(t);
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    at::Tensor z = at::baddbmm(biases[l] * bias_mask, h, weights[l]);
+    if (before) {
+      if (bn_inputs) bn_inputs->push_back(z);
+      at::Tensor pre = normalize(z, l);
+      h = act(pre);
+      preacts.push_back(pre.contiguous());
+    } else {
+      at::Tensor post = act(z);
+      if (bn_inputs) bn_inputs->push_back(post);
+      h = normalize(post, l);
+      preacts.push_back(z.contiguous());
+    }
+  }
+  preacts.push_back(h);
+  return preacts;
+}
+
+// Test loss and accuracy in eval mode, and the running-statistic errors, as
+// bn_core/train.py's _evaluate and _running_stat_errors compute them: loss_sum (V,) and
+// correct (V,) over the test set in chunks of `chunk`; errors (variants of all BN runs, 2),
+// run by run, of |running mean - the mean over x_stats| and the same for the unbiased
+// variance, each averaged over the channels.
+std::vector<at::Tensor> lockstep_mlp_evaluation(
+    const at::Tensor& x_test, const at::Tensor& y_test, int64_t chunk, const at::Tensor& x_stats,
+    at::TensorList weights, at::TensorList biases, const at::Tensor& bias_mask,
+    const at::Tensor& out_weight, const at::Tensor& out_bias, at::IntArrayRef bn_layer,
+    at::IntArrayRef bn_start, at::IntArrayRef bn_stop, at::TensorList bn_gamma,
+    at::TensorList bn_beta, at::ArrayRef<double> bn_eps, at::TensorList running_mean,
+    at::TensorList running_var, int64_t activation, bool before) {
+  at::NoGradGuard no_grad;
+  TORCH_CHECK(!weights.empty() && biases.size() == weights.size(),
+              "lockstep_mlp_evaluation: needs one weight and one bias per hidden layer");
+  TORCH_CHECK(bn_start.size() == bn_layer.size() && bn_stop.size() == bn_layer.size() &&
+                  bn_gamma.size() == bn_layer.size() && bn_beta.size() == bn_layer.size() &&
+                  bn_eps.size() == bn_layer.size() && running_mean.size() == bn_layer.size() &&
+                  running_var.size() == bn_layer.size(),
+              "lockstep_mlp_evaluation: every BN-run list needs one entry per run");
+  TORCH_CHECK(chunk > 0, "lockstep_mlp_evaluation: chunk must be positive, got ", chunk);
+  const int64_t V = weights[0].size(0), n = x_test.size(0), K = out_weight.size(2);
+  at::Tensor loss_sum = at::zeros({V}, x_test.options());
+  at::Tensor correct = at::zeros({V}, x_test.options());
+  const BnRuns eval_runs{bn_layer, bn_start, bn_stop, bn_gamma, bn_beta, bn_eps,
+                         running_mean, running_var};
+  for (int64_t i = 0; i < n; i += chunk) {
+    const int64_t m = std::min(chunk, n - i);
+    const at::Tensor xb = x_test.narrow(0, i, m), yb = y_test.narrow(0, i, m);
+    const at::Tensor h =
+        mlp_hidden(xb, weights, biases, bias_mask, eval_runs, activation, before, nullptr).back();
+    const at::Tensor logits = at::baddbmm(out_bias, h, out_weight);
+    loss_sum += at::cross_entropy_loss(logits.reshape({-1, K}), yb.repeat({V}), std::nullopt,
+                                       at::Reduction::None)
+                    .view({V, -1})
+                    .sum(1);
+    correct += at::eq(logits.argmax(-1), yb).sum(1);
+  }
+  std::vector<at::Tensor> errors;
+  if (!bn_layer.empty()) {
+    const BnRuns train_runs{bn_layer, bn_start, bn_stop, bn_gamma, bn_beta, bn_eps, {}, {}};
+    std::vector<at::Tensor> bn_inputs;
+    mlp_hidden(x_stats, weights, biases, bias_mask, train_runs, activation, before, &bn_inputs);
+    for (size_t r = 0; r < bn_layer.size(); ++r) {
+      const int64_t G = bn_stop[r] - bn_start[r];
+      // Statistics in double, as the compiled BatchNorm takes them, stored as the buffers are.
+      const at::Tensor slab = bn_inputs[bn_layer[r]].narrow(0, bn_start[r], G).to(at::kDouble);
+      const at::Tensor mean = slab.mean(1).to(running_mean[r].scalar_type());
+      const at::Tensor var = slab.var(1, /*unbiased=*/true).to(running_var[r].scalar_type());
+      const int64_t C = mean.size(1);
+      errors.push_back(at::stack({(mean - running_mean[r].view({G, C})).abs().mean(-1),
+                                  (var - running_var[r].view({G, C})).abs().mean(-1)},
+                                 1));
+    }
+  }
+  at::Tensor error_table = errors.empty() ? at::empty({0, 2}, x_test.options()) : at::cat(errors);
+  return {loss_sum, correct, error_table};
+}
+
+// Per layer and variant, on the probe batch x: [the layer percentiles, the unit
+// percentiles, mean, std (n - 1)] as table (L, V, P + U + 2), the values below each cut
+// as counts (L, V, K), and the share of dead units (ReLU) as dead (L, V). Then the
+// gradient measures of the training step, grads (L, V, 5): ||dL/dW||, log10 of the
+// update:data ratio, ||bias||, ||dL/dbias||, ||dL/d output|| (NaN without one).
+std::vector<at::Tensor> lockstep_mlp_telemetry(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+    const at::Tensor& bias_mask, at::IntArrayRef bn_layer, at::IntArrayRef bn_start,
+    at::IntArrayRef bn_stop, at::TensorList bn_gamma, at::TensorList bn_beta,
+    at::ArrayRef<double> bn_eps, int64_t activation, bool before, int64_t unit,
+    const at::Tensor& cuts, at::ArrayRef<double> layer_percentiles,
+    at::ArrayRef<double> unit_percentiles, at::TensorList weight_grads,
+    at::TensorList bias_grads, at::TensorList out_grads, const at::Tensor& lrs) {
+  at::NoGradGuard no_grad;
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(L > 0 && static_cast<int64_t>(biases.size()) == L &&
+                  static_cast<int64_t>(weight_grads.size()) == L &&
+                  static_cast<int64_t>(bias_grads.size()) == L &&
+                  static_cast<int64_t>(out_grads.size()) == L,
+              "lockstep_mlp_telemetry: every per-layer list needs one tensor per layer");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
+              "lockstep_mlp_telemetry: expected a float32 (N, d) probe batch on the CPU, got ",
+              x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  TORCH_CHECK(bn_start.size() == bn_layer.size() && bn_stop.size() == bn_layer.size() &&
+                  bn_gamma.size() == bn_layer.size() && bn_beta.size() == bn_layer.size() &&
+                  bn_eps.size() == bn_layer.size(),
+              "lockstep_mlp_telemetry: every BN-run list needs one entry per run");
+  const int64_t V = weights[0].size(0), N = x.size(0);
+  const auto cut = cuts.contiguous().to(at::kFloat);
+  const float* cut_values = cut.data_ptr<float>();
+  const int64_t K = cut.numel();
+  const int64_t P = static_cast<int64_t>(layer_percentiles.size());
+  const int64_t U = static_cast<int64_t>(unit_percentiles.size());
+  const BnRuns runs{bn_layer, bn_start, bn_stop, bn_gamma, bn_beta, bn_eps, {}, {}};
+  std::vector<at::Tensor> preacts =
+      mlp_hidden(x, weights, biases, bias_mask, runs, activation, before, nullptr);
+  preacts.pop_back();  // the last hidden output
+  at::Tensor table = at::empty({L, V, P + U + 2}, at::kDouble);
+  at::Tensor counts = at::empty({L, V, K}, at::kLong);
+  at::Tensor dead = at::zeros({L, V}, at::kDouble);
+  double* t = table.data_ptr<double>();
+  int64_t* k = counts.data_ptr<int64_t>();
+  double* d = dead.data_ptr<double>();
+  std::vector<uint32_t> keys_a, keys_b;
+  std::vector<float> sorted, unit_values(N), unit_sorted(N);
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor& pre = preacts[l];
+    const int64_t C = pre.size(2), n = N * C;
+    TORCH_CHECK(0 <= unit && unit < C, "lockstep_mlp_telemetry: unit ", unit,
+                " is not one of the ", C, " units of layer ", l + 1);
+    sorted.resize(n);
+    const float* p = pre.data_ptr<float>();
+    for (int64_t v = 0; v < V; ++v) {
+      const float* row = p + v * n;
+      radix_sort(row, sorted.data(), n, keys_a, keys_b);
+      double* out = t + (l * V + v) * (P + U + 2);
+      for (int64_t i = 0; i < P; ++i) out[i] = quantile_of_sorted(sorted.data(), n, layer_percentiles[i]);
+      for (int64_t i = 0; i < N; ++i) unit_values[i] = row[i * C + unit];
+      radix_sort(unit_values.data(), unit_sorted.data(), N, keys_a, keys_b);
+      for (int64_t i = 0; i < U; ++i) out[P + i] = quantile_of_sorted(unit_sorted.data(), N, unit_percentiles[i]);
+      double sum = 0.0;
+      for (int64_t i = 0; i < n; ++i) sum += row[i];
+      const double mean = sum / static_cast<double>(n);
+      double ss = 0.0;
+      for (int64_t i = 0; i < n; ++i) ss += (row[i] - mean) * (row[i] - mean);
+      out[P + U] = mean;
+      out[P + U + 1] = std::sqrt(ss / static_cast<double>(n - 1));
+      int64_t* below = k + (l * V + v) * K;
+      for (int64_t j = 0; j < K; ++j) {
+        below[j] = std::lower_bound(sorted.begin(), sorted.end(), cut_values[j]) - sorted.begin();
+      }
+      if (activation == 2) {  // ReLU: a unit is dead when no probe example activates it
+        int64_t dead_units = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          bool active = false;
+          for (int64_t i = 0; i < N && !active; ++i) active = row[i * C + c] > 0.0f;
+          dead_units += !active;
+        }
+        d[l * V + v] = static_cast<double>(dead_units) / static_cast<double>(C);
+      }
+    }
+  }
+  std::vector<at::Tensor> per_layer;
+  const at::Tensor nan = at::full({V}, std::nan(""), at::kDouble);
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor W = weights[l].flatten(1).to(at::kDouble);
+    const at::Tensor G = weight_grads[l].flatten(1).to(at::kDouble);
+    const at::Tensor b = (biases[l] * bias_mask).flatten(1).to(at::kDouble);
+    const at::Tensor out_grad = out_grads[l];
+    per_layer.push_back(at::stack(
+        {G.norm(2, {1}), at::log10(lrs.to(at::kDouble) * G.std(1) / W.std(1)), b.norm(2, {1}),
+         bias_grads[l].flatten(1).to(at::kDouble).norm(2, {1}),
+         out_grad.numel() == 0 ? nan : out_grad.flatten(1).to(at::kDouble).norm(2, {1})},
+        1));
+  }
+  return {table, counts, dead, at::stack(per_layer)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bn_core, m) {
@@ -596,10 +886,24 @@ TORCH_LIBRARY(bn_core, m) {
       "Tensor? running_var, int start, int stop, float eps, float factor, "
       "bool grad_through_stats) -> Tensor");
   m.def("lockstep_output(Tensor h, Tensor weight, Tensor bias) -> Tensor");
+  m.def(
+      "lockstep_mlp_telemetry(Tensor x, Tensor[] weights, Tensor[] biases, Tensor bias_mask, "
+      "int[] bn_layer, int[] bn_start, int[] bn_stop, Tensor[] bn_gamma, Tensor[] bn_beta, "
+      "float[] bn_eps, int activation, bool before, int unit, Tensor cuts, "
+      "float[] layer_percentiles, float[] unit_percentiles, Tensor[] weight_grads, "
+      "Tensor[] bias_grads, Tensor[] out_grads, Tensor lrs) -> Tensor[]");
+  m.def(
+      "lockstep_mlp_evaluation(Tensor x_test, Tensor y_test, int chunk, Tensor x_stats, "
+      "Tensor[] weights, Tensor[] biases, Tensor bias_mask, Tensor out_weight, Tensor out_bias, "
+      "int[] bn_layer, int[] bn_start, int[] bn_stop, Tensor[] bn_gamma, Tensor[] bn_beta, "
+      "float[] bn_eps, Tensor[] running_mean, Tensor[] running_var, int activation, "
+      "bool before) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(bn_core, CompositeImplicitAutograd, m) {
   m.impl("batch_norm_train", &batch_norm_train);
   m.impl("batch_norm_train_stacked", &batch_norm_train_stacked);
   m.impl("lockstep_output", &lockstep_output);
+  m.impl("lockstep_mlp_telemetry", &lockstep_mlp_telemetry);
+  m.impl("lockstep_mlp_evaluation", &lockstep_mlp_evaluation);
 }
