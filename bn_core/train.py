@@ -168,9 +168,10 @@ class Trainer:
         gradient measures or running-stat errors, for a caller that shows none of them
         (the learning-rate sweep). Training is the same either way.
 
-        ``background``: take the logged-step measures on a worker thread (see
+        ``background``: take the layer measures and evaluations on a worker thread (see
         bn_core/background.py); None does so wherever that is supported, False never,
-        True insists (ValueError where it is not supported)."""
+        True insists (ValueError where it is not supported). Without layer measures
+        everything stays on the training thread."""
         self.config = config
         self.measure_layers = measure_layers
         self.device = resolve_device(config.device)
@@ -408,7 +409,7 @@ class Trainer:
         self._loss_sum = [0.0] * len(window)
         self._loss_count = 0
         running = self._running()
-        if self._background is not None and self.measure_layers:
+        if self._background is not None:
             step = self.step
             self._background.measure(
                 self.optimizer.lrs,
@@ -481,6 +482,20 @@ class Trainer:
         )
         for v in running:
             self._history.add_many(step, self.variant_names[v], rows[v])
+
+    def _add_rows(self, step: int, rows: dict[int, list]) -> None:
+        """Rows measured in line, written behind any measures of earlier steps still out
+        on the worker: the history keeps the order the steps came in (and so the order
+        of its layers)."""
+
+        def write() -> None:
+            for v, variant_rows in rows.items():
+                self._history.add_many(step, self.variant_names[v], variant_rows)
+
+        if self._background is None:
+            write()
+        else:
+            self._background.in_order(write)
 
     @torch.no_grad()
     def _probe(self, running: list[int], rows: dict[int, list]) -> None:
@@ -579,11 +594,11 @@ class Trainer:
         params = self.optimizer.params
         measured = measure_ics(self.model, variant_losses, x, y, params, before, noise)
         table = {name: (l2.tolist(), cos.tolist()) for name, (l2, cos) in measured.items()}
+        rows = {v: [] for v in running}
         for v in running:
-            rows = []
             for layer, (l2, cos) in table.items():
-                rows += [(layer, "ics_l2", l2[v]), (layer, "ics_cos", cos[v])]
-            self._history.add_many(self.step, self.variant_names[v], rows)
+                rows[v] += [(layer, "ics_l2", l2[v]), (layer, "ics_cos", cos[v])]
+        self._add_rows(self.step, rows)
 
     def _probe_landscape(self, x, y, noise: list) -> None:
         """Loss and gradient along -g before the optimizer step (nothing is changed)."""
@@ -605,11 +620,11 @@ class Trainer:
             variants=len(self.variant_names),
         )
         summary = probe.summary()
-        for v in running:
-            rows = [
-                ("", m, float(val)) for m, val in zip(LANDSCAPE_METRICS, summary[v], strict=True)
-            ]
-            self._history.add_many(self.step, self.variant_names[v], rows)
+        rows = {
+            v: [("", m, float(val)) for m, val in zip(LANDSCAPE_METRICS, summary[v], strict=True)]
+            for v in running
+        }
+        self._add_rows(self.step, rows)
 
     @torch.no_grad()
     def _evaluate(self) -> None:
@@ -647,10 +662,18 @@ class Trainer:
         errors = self._running_stat_errors(running) if self.measure_layers else {}
         self.model.train()
         test_loss, test_acc = (loss_sum / n).tolist(), (correct / n).tolist()
+        self._add_evaluation_rows(self.step, running, test_loss, test_acc, errors)
+
+    def _add_evaluation_rows(
+        self, step: int, running: list[int], test_loss, test_acc, errors: dict[int, list]
+    ) -> None:
+        rows = {
+            v: [("", "test_loss", test_loss[v]), ("", "test_accuracy", test_acc[v])]
+            + errors.get(v, [])
+            for v in running
+        }
         for v in running:
-            rows = [("", "test_loss", test_loss[v]), ("", "test_accuracy", test_acc[v])]
-            rows += errors.get(v, [])
-            self._history.add_many(self.step, self.variant_names[v], rows)
+            self._history.add_many(step, self.variant_names[v], rows[v])
 
     def _record_evaluation(
         self, step: int, running: list[int], test_loss, test_acc, error_table
@@ -669,10 +692,7 @@ class Trainer:
                             (name, "running_var_error", var_err),
                         ]
                     )
-        for v in running:
-            rows = [("", "test_loss", test_loss[v]), ("", "test_accuracy", test_acc[v])]
-            rows += errors.get(v, [])
-            self._history.add_many(step, self.variant_names[v], rows)
+        self._add_evaluation_rows(step, running, test_loss, test_acc, errors)
 
     def _running_stat_errors(self, running: list[int]) -> dict[int, list]:
         """|running stat - the statistic over training examples|, per BN layer.

@@ -649,7 +649,8 @@ void radix_sort(const float* values, float* out, int64_t n, std::vector<uint32_t
 // rounding, as bn_core.probes.quantiles_of_sorted computes it.
 float quantile_of_sorted(const float* sorted, int64_t n, double percentile) {
   const double pos = percentile / 100.0 * static_cast<double>(n - 1);
-  const int64_t lo = std::min<int64_t>(std::max<int64_t>(static_cast<int64_t>(std::floor(pos)), 0), n - 1);
+  const int64_t lo =
+      std::min<int64_t>(std::max<int64_t>(static_cast<int64_t>(std::floor(pos)), 0), n - 1);
   const int64_t hi = std::min<int64_t>(lo + 1, n - 1);
   const float w = static_cast<float>(pos - static_cast<double>(lo));
   const float a = sorted[lo], d = sorted[hi] - sorted[lo];
@@ -781,7 +782,9 @@ std::vector<at::Tensor> lockstep_mlp_evaluation(
 // percentiles, mean, std (n - 1)] as table (L, V, P + U + 2), the values below each cut
 // as counts (L, V, K), and the share of dead units (ReLU) as dead (L, V). Then the
 // gradient measures of the training step, grads (L, V, 5): ||dL/dW||, log10 of the
-// update:data ratio, ||bias||, ||dL/dbias||, ||dL/d output|| (NaN without one).
+// update:data ratio, ||bias||, ||dL/dbias||, and ||dL/d output||, which the caller takes
+// (out_grad_norms, one (V,) tensor per layer, empty for NaN): the output gradient is as
+// large as the batch's activations, too large to copy for every logged step.
 std::vector<at::Tensor> lockstep_mlp_telemetry(
     const at::Tensor& x, at::TensorList weights, at::TensorList biases,
     const at::Tensor& bias_mask, at::IntArrayRef bn_layer, at::IntArrayRef bn_start,
@@ -789,13 +792,13 @@ std::vector<at::Tensor> lockstep_mlp_telemetry(
     at::ArrayRef<double> bn_eps, int64_t activation, bool before, int64_t unit,
     const at::Tensor& cuts, at::ArrayRef<double> layer_percentiles,
     at::ArrayRef<double> unit_percentiles, at::TensorList weight_grads,
-    at::TensorList bias_grads, at::TensorList out_grads, const at::Tensor& lrs) {
+    at::TensorList bias_grads, at::TensorList out_grad_norms, const at::Tensor& lrs) {
   at::NoGradGuard no_grad;
   const int64_t L = static_cast<int64_t>(weights.size());
   TORCH_CHECK(L > 0 && static_cast<int64_t>(biases.size()) == L &&
                   static_cast<int64_t>(weight_grads.size()) == L &&
                   static_cast<int64_t>(bias_grads.size()) == L &&
-                  static_cast<int64_t>(out_grads.size()) == L,
+                  static_cast<int64_t>(out_grad_norms.size()) == L,
               "lockstep_mlp_telemetry: every per-layer list needs one tensor per layer");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
               "lockstep_mlp_telemetry: expected a float32 (N, d) probe batch on the CPU, got ",
@@ -833,10 +836,14 @@ std::vector<at::Tensor> lockstep_mlp_telemetry(
       const float* row = p + v * n;
       radix_sort(row, sorted.data(), n, keys_a, keys_b);
       double* out = t + (l * V + v) * (P + U + 2);
-      for (int64_t i = 0; i < P; ++i) out[i] = quantile_of_sorted(sorted.data(), n, layer_percentiles[i]);
+      for (int64_t i = 0; i < P; ++i) {
+        out[i] = quantile_of_sorted(sorted.data(), n, layer_percentiles[i]);
+      }
       for (int64_t i = 0; i < N; ++i) unit_values[i] = row[i * C + unit];
       radix_sort(unit_values.data(), unit_sorted.data(), N, keys_a, keys_b);
-      for (int64_t i = 0; i < U; ++i) out[P + i] = quantile_of_sorted(unit_sorted.data(), N, unit_percentiles[i]);
+      for (int64_t i = 0; i < U; ++i) {
+        out[P + i] = quantile_of_sorted(unit_sorted.data(), N, unit_percentiles[i]);
+      }
       double sum = 0.0;
       for (int64_t i = 0; i < n; ++i) sum += row[i];
       const double mean = sum / static_cast<double>(n);
@@ -852,7 +859,8 @@ std::vector<at::Tensor> lockstep_mlp_telemetry(
         int64_t dead_units = 0;
         for (int64_t c = 0; c < C; ++c) {
           bool active = false;
-          for (int64_t i = 0; i < N && !active; ++i) active = row[i * C + c] > 0.0f;
+          // NaN counts as active, as in the inline measure (amax propagates it).
+          for (int64_t i = 0; i < N && !active; ++i) active = !(row[i * C + c] <= 0.0f);
           dead_units += !active;
         }
         d[l * V + v] = static_cast<double>(dead_units) / static_cast<double>(C);
@@ -865,11 +873,11 @@ std::vector<at::Tensor> lockstep_mlp_telemetry(
     const at::Tensor W = weights[l].flatten(1).to(at::kDouble);
     const at::Tensor G = weight_grads[l].flatten(1).to(at::kDouble);
     const at::Tensor b = (biases[l] * bias_mask).flatten(1).to(at::kDouble);
-    const at::Tensor out_grad = out_grads[l];
+    const at::Tensor& out_norm = out_grad_norms[l];
     per_layer.push_back(at::stack(
         {G.norm(2, {1}), at::log10(lrs.to(at::kDouble) * G.std(1) / W.std(1)), b.norm(2, {1}),
          bias_grads[l].flatten(1).to(at::kDouble).norm(2, {1}),
-         out_grad.numel() == 0 ? nan : out_grad.flatten(1).to(at::kDouble).norm(2, {1})},
+         out_norm.numel() == 0 ? nan : out_norm.to(at::kDouble)},
         1));
   }
   return {table, counts, dead, at::stack(per_layer)};
@@ -891,7 +899,7 @@ TORCH_LIBRARY(bn_core, m) {
       "int[] bn_layer, int[] bn_start, int[] bn_stop, Tensor[] bn_gamma, Tensor[] bn_beta, "
       "float[] bn_eps, int activation, bool before, int unit, Tensor cuts, "
       "float[] layer_percentiles, float[] unit_percentiles, Tensor[] weight_grads, "
-      "Tensor[] bias_grads, Tensor[] out_grads, Tensor lrs) -> Tensor[]");
+      "Tensor[] bias_grads, Tensor[] out_grad_norms, Tensor lrs) -> Tensor[]");
   m.def(
       "lockstep_mlp_evaluation(Tensor x_test, Tensor y_test, int chunk, Tensor x_stats, "
       "Tensor[] weights, Tensor[] biases, Tensor bias_mask, Tensor out_weight, Tensor out_bias, "
