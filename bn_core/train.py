@@ -421,8 +421,7 @@ class Trainer:
         for v in running:
             rows[v].append(("", "loss", window[v]))
         if not self.measure_layers:
-            for v in running:
-                self._history.add_many(self.step, self.variant_names[v], rows[v])
+            self._write_rows(self.step, rows)
             return
         # Every gradient measure of every layer and variant in a few stacked ops and one
         # copy to the host: per-variant loops would cost more than the step itself.
@@ -445,8 +444,7 @@ class Trainer:
         table = torch.stack(per_layer).detach().cpu().numpy()  # (layers, variants, measures)
         self._add_gradient_rows(table, running, rows)
         self._probe(running, rows)
-        for v in running:
-            self._history.add_many(self.step, self.variant_names[v], rows[v])
+        self._write_rows(self.step, rows)
 
     def _add_gradient_rows(self, table, running: list[int], rows: dict[int, list]) -> None:
         """table (layers, variants, 5): the gradient measures as history rows."""
@@ -480,22 +478,22 @@ class Trainer:
             dead[:, running] if self.config.activation == "relu" else None,
             rows,
         )
-        for v in running:
-            self._history.add_many(step, self.variant_names[v], rows[v])
+        self._write_rows(step, rows)
+
+    def _write_rows(self, step: int, rows: dict[int, list]) -> None:
+        """``rows`` by variant index into the history at ``step``, now."""
+        for v, variant_rows in rows.items():
+            self._history.add_many(step, self.variant_names[v], variant_rows)
 
     def _add_rows(self, step: int, rows: dict[int, list]) -> None:
         """Rows measured in line, written behind any measures of earlier steps still out
         on the worker: the history keeps the order the steps came in (and so the order
-        of its layers)."""
-
-        def write() -> None:
-            for v, variant_rows in rows.items():
-                self._history.add_many(step, self.variant_names[v], variant_rows)
-
+        of its layers). The worker's own results are written with _write_rows: they
+        arrive in order already."""
         if self._background is None:
-            write()
+            self._write_rows(step, rows)
         else:
-            self._background.in_order(write)
+            self._background.in_order(lambda: self._write_rows(step, rows))
 
     @torch.no_grad()
     def _probe(self, running: list[int], rows: dict[int, list]) -> None:
@@ -672,8 +670,7 @@ class Trainer:
             + errors.get(v, [])
             for v in running
         }
-        for v in running:
-            self._history.add_many(step, self.variant_names[v], rows[v])
+        self._write_rows(step, rows)
 
     def _record_evaluation(
         self, step: int, running: list[int], test_loss, test_acc, error_table

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from small_runs import diverging_config, small
 
 import bn_core.background as background
 import bn_core.train as train_module
@@ -21,17 +22,13 @@ from bn_core.data import load_dataset
 from bn_core.probes import BAND_PERCENTILES, FIG1_PERCENTILES
 from bn_core.train import Trainer
 
-pytestmark = pytest.mark.skipif(
-    native.load_telemetry() is None, reason="the compiled kernel is not built"
-)
+pytestmark = [
+    pytest.mark.skipif(native.load_telemetry() is None, reason="the compiled kernel is not built"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_real_cores = background._cores
 
 
 @pytest.fixture(autouse=True)
@@ -48,24 +45,6 @@ def _one_worker(monkeypatch):
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits", seed=0, probe_size=50)
-
-
-def small(**kw) -> RunConfig:
-    base = dict(
-        dataset="digits",
-        depth=2,
-        width=16,
-        batch_size=32,
-        steps=40,
-        lr=0.5,
-        telemetry_every=5,
-        eval_every=10,
-        probe_size=50,
-        probe_unit=3,
-        device="cpu",
-        variants=["plain", "batchnorm"],
-    )
-    return RunConfig(**{**base, **kw})
 
 
 def frame(trainer: Trainer) -> pd.DataFrame:
@@ -125,8 +104,7 @@ def test_worker_measures_equal_the_inline_measures(digits, changes):
 
 
 def test_a_diverged_variant_is_left_out_the_same_way(digits):
-    cfg = small(activation="relu", init_std=1.0, lr=10.0, momentum=0.9, steps=60)
-    inline, worker = both(cfg, digits)
+    inline, worker = both(diverging_config(), digits)
     inline.advance(steps=60)
     worker.advance(steps=60)
     assert worker.status[0].state == "diverged"
@@ -196,15 +174,17 @@ def test_in_line_measures_keep_their_place_behind_the_worker(digits):
     assert_same_history(inline, worker)
 
 
-@pytest.mark.parametrize(
-    ("text", "cores"), [("max 100000", None), ("150000 100000", 1), ("400000 100000", 4)]
-)
-def test_container_cpu_limit(tmp_path, text, cores):
+@pytest.mark.parametrize(("text", "quota"), [("max 100000", None), ("150000 100000", 1.5)])
+def test_container_cpu_limit_caps_the_cores(tmp_path, monkeypatch, text, quota):
     limit = tmp_path / "cpu.max"
     limit.write_text(text + "\n")
-    quota = background._cpu_quota(limit)
-    assert (None if quota is None else max(1, int(quota))) == cores
+    assert background._cpu_quota(limit) == quota
     assert background._cpu_quota(tmp_path / "missing") is None
+    monkeypatch.setattr(background, "_cores", _real_cores)  # not the fixture's stand-in
+    monkeypatch.setattr(background.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    monkeypatch.setattr(background, "_cpu_quota", lambda: quota)
+    # 4 cores allowed; a 1.5-core limit leaves one, too few for a worker beside training.
+    assert background._cores() == (4 if quota is None else 1)
 
 
 def block_worker() -> threading.Event:
@@ -258,13 +238,13 @@ def test_a_worker_that_falls_behind_slows_training_down(digits):
 
 
 def test_where_the_worker_is_not_used(digits, monkeypatch):
-    model_reason = background.unavailable_reason
     lenet = small(model="lenet", probe_unit=2)
     assert not Trainer(lenet, digits).measures_in_background
     with pytest.raises(ValueError, match="only a lockstep MLP"):
         Trainer(lenet, digits, background=True)
     noisy = small(variants=["plain", "batchnorm-noisy"])
-    assert "NoisyBatchNorm" in model_reason(Trainer(noisy, digits).model, digits.x_probe, "sigmoid")
+    reason = background.unavailable_reason(Trainer(noisy, digits).model, digits.x_probe, "sigmoid")
+    assert "NoisyBatchNorm" in reason
     assert not Trainer(small(), digits, measure_layers=False).measures_in_background
     assert Trainer(small(), digits).measures_in_background
     monkeypatch.setattr(background, "_cores", lambda: 1)

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from small_runs import diverging_config, small
 from torch import nn
 from torch.testing import assert_close
 
@@ -37,24 +38,6 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits", seed=0, probe_size=50)
-
-
-def small(**kw) -> RunConfig:
-    base = dict(
-        dataset="digits",
-        depth=2,
-        width=16,
-        batch_size=32,
-        steps=60,
-        lr=0.5,
-        telemetry_every=5,
-        eval_every=20,
-        probe_size=50,
-        probe_unit=3,
-        device="cpu",
-        variants=["plain", "batchnorm"],
-    )
-    return RunConfig(**{**base, **kw})
 
 
 def capture_batches(trainer: Trainer) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -457,10 +440,6 @@ def test_set_live_refuses_bad_values_and_changes_nothing(digits, changes):
 
 
 # --- divergence ----------------------------------------------------------------------
-
-
-def diverging_config(**kw) -> RunConfig:
-    return small(activation="relu", init_std=1.0, lr=10.0, momentum=0.9, steps=60, **kw)
 
 
 def test_plain_diverges_while_batchnorm_trains_on(digits):

@@ -665,6 +665,14 @@ struct BnRuns {
   at::ArrayRef<double> eps;
   // Running statistics for an eval-mode pass; empty lists: batch statistics.
   at::TensorList running_mean, running_var;
+
+  void check(const char* op) const {
+    const size_t n = layer.size();
+    TORCH_CHECK(start.size() == n && stop.size() == n && gamma.size() == n && beta.size() == n &&
+                    eps.size() == n && running_mean.size() == running_var.size() &&
+                    (running_mean.empty() || running_mean.size() == n),
+                op, ": every BN-run list needs one entry per run");
+  }
 };
 
 // The hidden layers of a lockstep MLP on x: the forward of bn_core.models.LockstepMLP, with
@@ -734,17 +742,13 @@ std::vector<at::Tensor> lockstep_mlp_evaluation(
   at::NoGradGuard no_grad;
   TORCH_CHECK(!weights.empty() && biases.size() == weights.size(),
               "lockstep_mlp_evaluation: needs one weight and one bias per hidden layer");
-  TORCH_CHECK(bn_start.size() == bn_layer.size() && bn_stop.size() == bn_layer.size() &&
-                  bn_gamma.size() == bn_layer.size() && bn_beta.size() == bn_layer.size() &&
-                  bn_eps.size() == bn_layer.size() && running_mean.size() == bn_layer.size() &&
-                  running_var.size() == bn_layer.size(),
-              "lockstep_mlp_evaluation: every BN-run list needs one entry per run");
+  const BnRuns eval_runs{bn_layer, bn_start, bn_stop, bn_gamma, bn_beta, bn_eps,
+                         running_mean, running_var};
+  eval_runs.check("lockstep_mlp_evaluation");
   TORCH_CHECK(chunk > 0, "lockstep_mlp_evaluation: chunk must be positive, got ", chunk);
   const int64_t V = weights[0].size(0), n = x_test.size(0), K = out_weight.size(2);
   at::Tensor loss_sum = at::zeros({V}, x_test.options());
   at::Tensor correct = at::zeros({V}, x_test.options());
-  const BnRuns eval_runs{bn_layer, bn_start, bn_stop, bn_gamma, bn_beta, bn_eps,
-                         running_mean, running_var};
   for (int64_t i = 0; i < n; i += chunk) {
     const int64_t m = std::min(chunk, n - i);
     const at::Tensor xb = x_test.narrow(0, i, m), yb = y_test.narrow(0, i, m);
@@ -803,17 +807,14 @@ std::vector<at::Tensor> lockstep_mlp_telemetry(
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
               "lockstep_mlp_telemetry: expected a float32 (N, d) probe batch on the CPU, got ",
               x.scalar_type(), " ", x.sizes(), " on ", x.device());
-  TORCH_CHECK(bn_start.size() == bn_layer.size() && bn_stop.size() == bn_layer.size() &&
-                  bn_gamma.size() == bn_layer.size() && bn_beta.size() == bn_layer.size() &&
-                  bn_eps.size() == bn_layer.size(),
-              "lockstep_mlp_telemetry: every BN-run list needs one entry per run");
+  const BnRuns runs{bn_layer, bn_start, bn_stop, bn_gamma, bn_beta, bn_eps, {}, {}};
+  runs.check("lockstep_mlp_telemetry");
   const int64_t V = weights[0].size(0), N = x.size(0);
   const auto cut = cuts.contiguous().to(at::kFloat);
   const float* cut_values = cut.data_ptr<float>();
   const int64_t K = cut.numel();
   const int64_t P = static_cast<int64_t>(layer_percentiles.size());
   const int64_t U = static_cast<int64_t>(unit_percentiles.size());
-  const BnRuns runs{bn_layer, bn_start, bn_stop, bn_gamma, bn_beta, bn_eps, {}, {}};
   std::vector<at::Tensor> preacts =
       mlp_hidden(x, weights, biases, bias_mask, runs, activation, before, nullptr);
   preacts.pop_back();  // the last hidden output
