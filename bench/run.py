@@ -457,13 +457,13 @@ def lockstep_pair(config: Config) -> dict:
     }
 
 
-def _bare_fig1_nets(seed: int):
+def _bare_fig1_nets(seed: int, input_dim: int = 784):
     """The two Fig. 1 nets as a hand-written PyTorch loop would build them."""
 
     def net(bn: bool) -> nn.Sequential:
         torch.manual_seed(seed)
         layers: list[nn.Module] = []
-        width_in = 784
+        width_in = input_dim
         for _ in range(3):
             layers += [nn.Linear(width_in, 100, bias=not bn)]
             layers += [nn.BatchNorm1d(100)] if bn else []
@@ -480,6 +480,42 @@ def _bare_fig1_nets(seed: int):
     nets = [net(False), net(True)]
     opts = [torch.optim.SGD(n.parameters(), lr=0.5) for n in nets]
     return nets, opts
+
+
+@benchmark("live_digits", target=1.5)
+def live_digits(config: Config) -> dict:
+    """The live page's default run: the Trainer on ioffe-fig1 (digits, plain + batchnorm,
+    telemetry every 10, test every 100) vs a hand-written torch.nn loop training the same
+    two nets with nn.BatchNorm1d and no telemetry."""
+    from bn_core.data import load_dataset
+    from bn_core.train import Trainer
+
+    cfg = _fig1_config()
+    data = load_dataset("digits", seed=cfg.seed, probe_size=cfg.probe_size)
+    trainer = Trainer(cfg, data)
+    nets, opts = _bare_fig1_nets(config.seed, data.input_dim)
+    gen = torch.Generator().manual_seed(config.seed)
+    n = data.x_train.shape[0]
+
+    def bare(steps: int) -> None:
+        for _ in range(steps):
+            index = torch.randint(0, n, (60,), generator=gen)
+            x, y = data.x_train[index], data.y_train[index]
+            for model, opt in zip(nets, opts, strict=True):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+
+    chunk = 100
+    trainer.advance(steps=chunk // 2)  # evaluations mid-round, as in telemetry_overhead
+    rounds = config.pick(9, 31)
+    timing = interleaved(_advance(trainer, chunk), lambda: bare(chunk), rounds, 1, 2)
+    return {
+        "ours_s": timing.ours_s / chunk,
+        "reference_s": timing.reference_s / chunk,
+        "note": f"s/step, digits, telemetry every 10, test every 100, against a bare "
+        f"torch.nn loop; {rounds} rounds of {chunk} steps",
+    }
 
 
 @benchmark("fig1_full", target=1.2)
