@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from bn_core import export  # noqa: E402
 from bn_core.config import load_preset  # noqa: E402
-from bn_core.train import Trainer  # noqa: E402
+from bn_core.experiments import make_trainer  # noqa: E402
 
 TARGET_S = 15.0
 
@@ -58,7 +58,7 @@ def _history(steps: int, threads: int, seed: int):
         config = load_preset("ioffe-fig1").replace(
             steps=steps, telemetry_every=5, eval_every=50, device="cpu", seed=seed
         )
-        trainer = Trainer(config)
+        trainer = make_trainer(config)
         trainer.advance(steps=steps // 2)
         trainer.set_live(lr=1.0)
         trainer.advance(steps=steps - steps // 2)

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bn_core.config import RunConfig  # noqa: E402
-from bn_core.train import Trainer  # noqa: E402
+from bn_core.experiments import make_trainer  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -49,7 +49,7 @@ def long_run(steps: int, warmup: int, samples: int) -> dict:
         steps=steps,
         variants=["plain", "batchnorm"],
     )
-    trainer = Trainer(config)
+    trainer = make_trainer(config)
     start = time.perf_counter()
     trainer.advance(steps=min(warmup, steps))
     rss_warm = rss_bytes()

@@ -89,9 +89,9 @@ def _train(config: RunConfig):
     """A finished Trainer, with a progress bar on stderr."""
     from tqdm import tqdm
 
-    from bn_core.train import Trainer
+    from bn_core.experiments import make_trainer
 
-    trainer = Trainer(config)
+    trainer = make_trainer(config)
     with tqdm(total=config.steps, unit="step", file=sys.stderr, desc="training") as bar:
         while not trainer.finished:
             bar.update(trainer.advance(seconds=0.5))

@@ -1,40 +1,32 @@
 """Batch Normalization from scratch: the forward pass and its hand-derived backward.
 
-Notation (Ioffe & Szegedy 2015, Algorithm 1), per channel c over the m values of a batch
-(m = N for (N, C) inputs, m = N*L or N*H*W for (N, C, L) / (N, C, H, W)):
+Notation (Ioffe & Szegedy 2015, Algorithm 1), per channel over the m values the layer
+averages over (the dims ``dims``: N for (N, C), N*L or N*H*W for (N, C, L) / (N, C, H, W),
+and N for each variant of a lockstep (V, N, C) stack):
 
     mu      = 1/m sum_i x_i
-    var     = 1/m sum_i (x_i - mu)^2          biased; computed from centered values
+    var     = 1/m sum_i (x_i - mu)^2          biased
     inv_std = 1 / sqrt(var + eps)
     x_hat_i = (x_i - mu) * inv_std
     y_i     = gamma * x_hat_i + beta
 
 The backward pass is derived by hand, not left to autograd, and keeps only x_hat and
-inv_std from the forward pass (plus gamma, a parameter), the same as torch's fused kernel.
-
-Two kernels compute the training-mode pass. This file's ``_BatchNormTrain`` is the one to
-read. ``bn_core/native/batch_norm.cpp`` repeats the same formulas in C++, once built,
-because at this lab's layer sizes the interpreter between the small tensor ops costs
-more than the arithmetic. ``kernel="auto"`` (the default) uses the compiled one when it
-is built; the tests hold both to torch.nn and gradcheck.
+inv_std from the forward pass (plus gamma, a parameter), as torch's fused kernel does.
+Every BatchNorm in the lab, in every model, trains through ``BatchNormFunction``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import os
-from collections.abc import Iterator
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from bn_core import native
+from torch.autograd.function import once_differentiable
 
 __all__ = [
-    "KERNELS",
     "BatchNorm",
+    "BatchNormFunction",
     "NoiseDraw",
     "NoiseSettings",
     "NoisyBatchNorm",
@@ -42,154 +34,61 @@ __all__ = [
     "draw_bn_noise",
     "noise_states",
     "set_noise_states",
-    "use_kernel",
 ]
 
-KERNELS = ("auto", "python", "cpp")
-# The process-wide choice; BN_CORE_KERNEL=python runs the readable kernel everywhere.
-_default_kernel = os.environ.get("BN_CORE_KERNEL", "auto")
-if _default_kernel not in KERNELS:
-    raise ValueError(f"BN_CORE_KERNEL = {_default_kernel!r}: allowed: {', '.join(KERNELS)}")
 
+class BatchNormFunction(torch.autograd.Function):
+    """(y, mu, var) = BN(x) with the batch statistics over ``dims``.
 
-@contextlib.contextmanager
-def use_kernel(kernel: str) -> Iterator[None]:
-    """Run layers whose ``kernel`` is None (the default) on ``kernel`` inside the block."""
-    global _default_kernel
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel = {kernel!r}: allowed: {', '.join(KERNELS)}")
-    saved, _default_kernel = _default_kernel, kernel
-    try:
-        yield
-    finally:
-        _default_kernel = saved
-
-
-def lockstep_output_op():
-    """The compiled lockstep output layer (``native.load_output``) unless the kernel in
-    use is the Python one, which keeps every step of a run readable; else None."""
-    if _compiled_op(_default_kernel) is None:
-        return None
-    return native.load_output()
-
-
-def _compiled_op(kernel: str):
-    """The compiled operator if ``kernel`` asks for it (or allows it), else None."""
-    if kernel == "python":
-        return None
-    op = native.load()
-    if op is None and kernel == "cpp":
-        raise RuntimeError(f"kernel = 'cpp': the BatchNorm kernel is {native.status()}")
-    return op
-
-
-def _reduce_dims(ndim: int) -> tuple[int, ...]:
-    """The dimensions a (N, C, *) input is averaged over: all but the channel dim 1."""
-    return (0, *range(2, ndim))
-
-
-@functools.lru_cache(maxsize=256)
-def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A cached 0-dim tensor holding value; never modified.
-
-    An op given a Python float as an operand wraps it in a fresh tensor on every call,
-    which at this lab's layer sizes costs about as much as the op itself.
-    """
-    return torch.tensor(value, dtype=dtype, device=device)
-
-
-class _BatchNormTrain(torch.autograd.Function):
-    """y = gamma * (x - mu_B) / sqrt(var_B + eps) + beta with batch statistics.
-
-    At this lab's layer sizes (60 x 100) each tensor op costs about as much as its
-    launch, so the code keeps the op count low: (N, C) inputs take a keepdim-free path
-    where (C,) vectors broadcast as they are, and the statistics go to the callback
-    ``stats(mu_B, sum_sq, m)`` (sum_sq = m * var_B) instead of being extra autograd
-    outputs.
+    gamma and beta come shaped to broadcast against x (size 1 on ``dims``), or both None.
+    mu and var keep the reduced dims (keepdim) and are not differentiable: they are
+    returned for the running statistics.
     """
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, eps, grad_through_stats, stats):
-        flat = x.dim() == 2
-        if flat:
-            m = x.shape[0]
-            mu = x.mean(0)
-            x_hat = x - mu
-            # Centered two-pass variance: E[x^2] - E[x]^2 cancels catastrophically in
-            # float32 when |mean| >> std and can go negative (then sqrt gives NaN).
-            sum_sq = torch.linalg.vecdot(x_hat, x_hat, dim=0)
-            g, b = gamma, beta
-        else:
-            dims = _reduce_dims(x.dim())
-            m = x.numel() // x.shape[1]
-            mu = x.mean(dims, keepdim=True)
-            x_hat = x - mu
-            sum_sq = x_hat.square().sum(dims, keepdim=True)
-            if gamma is not None:
-                g, b = gamma.view(mu.shape), beta.view(mu.shape)
-        # var + eps as eps + sum_sq / m: one op
-        inv_std = torch.add(_scalar(eps, x.dtype, x.device), sum_sq, alpha=1.0 / m).rsqrt_()
-        x_hat.mul_(inv_std)  # x_hat is our own temporary: scale it in place
-        # Without gamma the output must not be the saved x_hat itself, or an in-place
-        # op after the layer (ReLU(inplace=True)) would corrupt the backward pass.
-        y = x_hat.clone() if gamma is None else torch.addcmul(b, x_hat, g)
+    def forward(ctx, x, gamma, beta, dims, eps, grad_through_stats):
+        m = math.prod(x.shape[d] for d in dims)
+        mu = x.mean(dims, keepdim=True)
+        x_mu = x - mu
+        # From centered values: E[x^2] - E[x]^2 cancels catastrophically in float32 when
+        # |mean| >> std, and can go negative. (torch.var_mean takes 13x longer on the CPU
+        # at 60 x 100.)
+        var = (x_mu * x_mu).mean(dims, keepdim=True)
+        inv_std = torch.rsqrt(var + eps)
+        x_hat = x_mu * inv_std
+        # Without gamma the output must not be the saved x_hat itself, or an in-place op
+        # after the layer (ReLU(inplace=True)) would corrupt the backward pass.
+        y = x_hat.clone() if gamma is None else torch.addcmul(beta, gamma, x_hat)
         ctx.save_for_backward(x_hat, inv_std, gamma)
-        ctx.m = m
-        ctx.grad_through_stats = grad_through_stats
-        if stats is not None:
-            if flat:
-                stats(mu, sum_sq, m)
-            else:
-                stats(mu.view(-1), sum_sq.view(-1), m)
-        return y
+        ctx.dims, ctx.m, ctx.grad_through_stats = dims, m, grad_through_stats
+        ctx.mark_non_differentiable(mu, var)
+        return y, mu, var
 
     @staticmethod
-    def backward(ctx, dy):
+    @once_differentiable  # a second derivative raises instead of coming out wrong
+    def backward(ctx, dy, _dmu, _dvar):
         x_hat, inv_std, gamma = ctx.saved_tensors
-        need_x, need_gamma, need_beta = ctx.needs_input_grad[:3]
-        through_stats = need_x and ctx.grad_through_stats
-        flat = dy.dim() == 2
-        # Per-channel sums, (C,) for (N, C) inputs and keepdim (1, C, 1, ...) otherwise,
-        # so that they broadcast against dy as they are:
-        #   dL/dbeta = sum_i dy_i ;  dL/dgamma = sum_i dy_i * x_hat_i
-        sum_dy = sum_dy_xhat = dx = None
-        if flat:
-            if need_beta or through_stats:
-                sum_dy = dy.sum(0)
-            if need_gamma or through_stats:
-                sum_dy_xhat = torch.linalg.vecdot(dy, x_hat, dim=0)
-            g = gamma
+        dims, m = ctx.dims, ctx.m
+        # dL/dbeta = sum_i dy_i ;  dL/dgamma = sum_i dy_i * x_hat_i
+        sum_dy = dy.sum(dims, keepdim=True)
+        sum_dy_x_hat = (dy * x_hat).sum(dims, keepdim=True)
+        scale = inv_std if gamma is None else gamma * inv_std
+        if ctx.grad_through_stats:
+            # Through the statistics, as the chain rule over mu(x) and var(x) gives:
+            #   dL/dx_i = gamma * inv_std * (dy_i - mean(dy) - x_hat_i * mean(dy * x_hat))
+            dx = scale * (dy - sum_dy / m - x_hat * (sum_dy_x_hat / m))
         else:
-            dims = _reduce_dims(dy.dim())
-            if need_beta or through_stats:
-                sum_dy = dy.sum(dims, keepdim=True)
-            if need_gamma or through_stats:
-                sum_dy_xhat = (dy * x_hat).sum(dims, keepdim=True)
-            g = None if gamma is None else gamma.view(inv_std.shape)
-        if need_x:
-            scale = inv_std if g is None else g * inv_std
-            if not through_stats:
-                # Naive gradient (section 2 of the paper): mu and var held constant,
-                #   dL/dx_i = gamma * inv_std * dy_i
-                dx = dy * scale
-            else:
-                # Through the statistics, with g_i = dL/dx_hat_i = gamma * dy_i:
-                #   dL/dx_i = inv_std * (g_i - mean(g) - x_hat_i * mean(g * x_hat))
-                #           = gamma * inv_std * (dy_i - mean(dy) - x_hat_i * mean(dy * x_hat))
-                # dx is a fresh tensor, so the last two steps run in place on it.
-                m = ctx.m
-                dx = torch.addcmul(dy, x_hat, sum_dy_xhat, value=-1.0 / m)
-                dx.sub_(sum_dy, alpha=1.0 / m)
-                dx.mul_(scale)
+            # The naive gradient of section 2: mu and var held constant,
+            #   dL/dx_i = gamma * inv_std * dy_i
+            dx = scale * dy
         if gamma is None:
             return dx, None, None, None, None, None
-        # Only a gradient that was asked for is returned as one.
-        dgamma = dbeta = None
-        if need_gamma:
-            dgamma = sum_dy_xhat if flat else sum_dy_xhat.view(-1)
-        if need_beta:
-            dbeta = sum_dy if flat else sum_dy.view(-1)
-        return dx, dgamma, dbeta, None, None, None
+        return dx, sum_dy_x_hat, sum_dy, None, None, None
+
+
+def _channel_dims(ndim: int) -> tuple[int, ...]:
+    """The dims a (N, C, *) input is averaged over: all but the channel dim 1."""
+    return (0, *range(2, ndim))
 
 
 def batch_norm_train(
@@ -198,33 +97,26 @@ def batch_norm_train(
     beta: torch.Tensor | None,
     eps: float = 1e-5,
     grad_through_stats: bool = True,
-    kernel: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalize x of shape (N, C, *) with its batch statistics; returns (y, mu_B, var_B)."""
-    op = _compiled_op(kernel or _default_kernel)
-    if op is not None:
-        # The compiled kernel reports its statistics through running buffers: with
-        # factor 1 they become mu_B and the unbiased variance.
-        c, m = x.shape[1], x.numel() // x.shape[1]
-        mean = torch.zeros(c, dtype=x.dtype, device=x.device)
-        var = torch.zeros(c, dtype=x.dtype, device=x.device)
-        y = op(x, gamma, beta, mean, var, eps, 1.0, grad_through_stats)
-        return y, mean, var * ((m - 1) / m)
-    stats: list[torch.Tensor] = []
-
-    def keep(mu: torch.Tensor, sum_sq: torch.Tensor, m: int) -> None:
-        stats.extend((mu, sum_sq / m))
-
-    y = _BatchNormTrain.apply(x, gamma, beta, eps, grad_through_stats, keep)
-    return y, stats[0], stats[1]
+    """Normalize x of shape (N, C, *) with its batch statistics; returns (y, mu_B, var_B),
+    the statistics as (C,) vectors and var_B biased."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if gamma is not None:
+        gamma, beta = gamma.view(shape), beta.view(shape)
+    y, mu, var = BatchNormFunction.apply(
+        x, gamma, beta, _channel_dims(x.dim()), eps, grad_through_stats
+    )
+    return y, mu.view(-1), var.view(-1)
 
 
 class BatchNorm(nn.Module):
     """Batch Normalization over (N, C), (N, C, L) or (N, C, H, W) inputs.
 
-    A drop-in for torch.nn.BatchNorm1d/2d: same arguments, same running-statistics
-    contract, same state_dict. ``grad_through_stats=False`` gives the naive gradient that
-    treats mu_B and var_B as constants (Ioffe & Szegedy section 2).
+    A drop-in for torch.nn.BatchNorm1d/2d: same arguments in the same positions, same
+    running-statistics contract, same state_dict. The keyword-only
+    ``grad_through_stats=False`` gives the naive gradient that treats mu_B and var_B as
+    constants (Ioffe & Szegedy section 2). ``forward_variants`` normalizes a lockstep
+    (V, N, C) stack of variants in place of V separate layers.
     """
 
     def __init__(
@@ -234,14 +126,12 @@ class BatchNorm(nn.Module):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        grad_through_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        kernel: str | None = None,
+        *,
+        grad_through_stats: bool = True,
     ) -> None:
         super().__init__()
-        if kernel is not None and kernel not in KERNELS:
-            raise ValueError(f"kernel = {kernel!r}: allowed: None, {', '.join(KERNELS)}")
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features = {num_features!r}: must be an integer >= 1")
         if not eps > 0:
@@ -255,9 +145,6 @@ class BatchNorm(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.grad_through_stats = grad_through_stats
-        # None follows the process-wide choice (use_kernel, BN_CORE_KERNEL); not saved in
-        # the state_dict, which stays torch's.
-        self.kernel = kernel
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))
             self.bias = nn.Parameter(torch.zeros(num_features, **factory))
@@ -316,128 +203,61 @@ class BatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        reference = self._parameters.get("weight")
-        if reference is None:
-            reference = self._buffers.get("running_mean")
-        if reference is not None and x.dtype != reference.dtype and x.element_size() < 4:
-            # Mixed precision, as torch does it: half inputs with float32 parameters are
-            # normalized in float32 (statistics need the range) and returned in half.
-            return self.forward(x.to(reference.dtype)).to(x.dtype)
-        use_batch_stats = self.training or not self.track_running_stats
-        if not use_batch_stats:
-            # Inference: a fixed affine map from the population (running) statistics.
-            scale = (self.running_var + self.eps).rsqrt()
-            if self.affine:
-                scale = scale * self.weight
-            shift = -self.running_mean * scale
-            if self.affine:
-                shift = shift + self.bias
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            return torch.addcmul(shift.view(shape), x, scale.view(shape))
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return self._normalize(x, _channel_dims(x.dim()), shape)
 
-        values_per_channel = x.numel() // self.num_features
-        if values_per_channel < 2:
+    def forward_variants(self, h: torch.Tensor) -> torch.Tensor:
+        """Normalize a lockstep (V, N, C) stack, each variant over its own N examples.
+
+        This layer then has V * C features, variant v's channel c being feature v * C + c:
+        the same numbers as V separate layers of C features, in one pass.
+        """
+        if h.dim() != 3 or h.shape[0] * h.shape[2] != self.num_features:
+            raise ValueError(
+                f"BatchNorm input has shape {tuple(h.shape)}: expected (V, N, C) with "
+                f"V * C = {self.num_features} features"
+            )
+        return self._normalize(h, (1,), (h.shape[0], 1, h.shape[2]))
+
+    def _normalize(self, x: torch.Tensor, dims: tuple[int, ...], shape: tuple) -> torch.Tensor:
+        """x normalized over ``dims``, the parameters and statistics viewed as ``shape``."""
+        if x.element_size() < 4:
+            # Half inputs are normalized in float32, as torch does it: the sums of a
+            # channel's values and squares need float32's range.
+            return self._normalize(x.float(), dims, shape).to(x.dtype)
+        gamma = beta = None
+        if self.affine:
+            gamma, beta = self.weight.view(shape).to(x.dtype), self.bias.view(shape).to(x.dtype)
+        if not self.training and self.track_running_stats:
+            # Inference: a fixed affine map from the population (running) statistics.
+            scale = (self.running_var.view(shape).to(x.dtype) + self.eps).rsqrt()
+            shift = -self.running_mean.view(shape).to(x.dtype) * scale
+            if self.affine:
+                scale, shift = scale * gamma, shift * gamma + beta
+            return torch.addcmul(shift, x, scale)
+        m = math.prod(x.shape[d] for d in dims)
+        if m < 2:
             raise ValueError(
                 f"BatchNorm input has shape {tuple(x.shape)}: training mode needs more than "
                 "one value per channel, because the variance of a single value is 0 and "
                 "normalizing it divides by sqrt(eps). Use a batch of at least 2, or .eval()."
             )
-        # The running statistics are updated from inside the Function's forward (no
-        # grad there), so mu_B and var_B never become autograd outputs. Parameters and
-        # buffers are read from their dicts: nn.Module.__getattr__ is a Python fallback
-        # that costs about as much as a small tensor op.
-        params = self._parameters
-        op = _compiled_op(self.kernel or _default_kernel)
-        if op is not None:
-            running_mean, running_var, factor = self._running_update()
-            return op(
-                x,
-                params["weight"],
-                params["bias"],
-                running_mean,
-                running_var,
-                self.eps,
-                factor,
-                self.grad_through_stats,
-            )
-        return _BatchNormTrain.apply(
-            x,
-            params["weight"],
-            params["bias"],
-            self.eps,
-            self.grad_through_stats,
-            self._update_running_stats if self.training and self.track_running_stats else None,
+        y, mu, var = BatchNormFunction.apply(
+            x, gamma, beta, dims, self.eps, self.grad_through_stats
         )
+        if self.training and self.track_running_stats:
+            self._update_running_stats(mu.reshape(-1), var.reshape(-1), m)
+        return y
 
-    def stacked_op(self):
-        """The compiled lockstep operator when ``forward_variants`` can run, else None.
-
-        It needs this exact class (subclasses change ``forward``), batch statistics
-        (training mode), and the compiled kernel.
-        """
-        if type(self) is not BatchNorm or not self.training:
-            return None
-        if _compiled_op(self.kernel or _default_kernel) is None:
-            return None
-        return native.load_stacked()
-
-    def forward_variants(self, h: torch.Tensor, start: int, stop: int, op) -> torch.Tensor:
-        """Normalize variants [start, stop) of a lockstep (V, N, C) activation where they
-        lie in that layout; the other variants pass through. ``op`` is ``stacked_op()``.
-
-        This layer then has (stop - start) * C features, variant v's channel c being
-        feature (v - start) * C + c: the same numbers as ``forward`` on the run's slice
-        permuted to (N, (stop - start) * C), without the copies.
-        """
-        if h.dim() != 3 or (stop - start) * h.shape[2] != self.num_features:
-            raise ValueError(
-                f"BatchNorm input has shape {tuple(h.shape)}: expected (V, N, C) where "
-                f"variants [{start}, {stop}) hold its {self.num_features} features"
-            )
-        params = self._parameters
-        running_mean, running_var, factor = self._running_update()
-        return op(
-            h,
-            params["weight"],
-            params["bias"],
-            running_mean,
-            running_var,
-            start,
-            stop,
-            self.eps,
-            factor,
-            self.grad_through_stats,
-        )
-
-    def _running_update(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
-        """(running_mean, running_var, factor) for the compiled kernel to update in this
-        pass, counting the batch; (None, None, 0.0) when this pass updates nothing."""
-        if not (self.training and self.track_running_stats):
-            return None, None, 0.0
-        factor = self._next_running_factor()
-        buffers = self._buffers
-        return buffers["running_mean"], buffers["running_var"], factor
-
-    def _next_running_factor(self) -> float:
-        """Count this batch and return f for running = (1 - f) * running + f * batch.
-
-        PyTorch's contract: f = momentum, or f = 1 / num_batches_tracked (a cumulative
-        average) when momentum is None.
-        """
-        num_batches = self._buffers["num_batches_tracked"]
-        num_batches.add_(1)
-        return 1.0 / float(num_batches) if self.momentum is None else self.momentum
-
-    def _update_running_stats(self, mu: torch.Tensor, sum_sq: torch.Tensor, m: int) -> None:
-        # running_var takes the unbiased batch variance, sum_sq / (m - 1).
-        factor = self._next_running_factor()
-        buffers = self._buffers
-        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-        var = sum_sq * _scalar(1.0 / (m - 1), sum_sq.dtype, sum_sq.device)
-        if mu.dtype != running_mean.dtype:  # low-precision input, float32 buffers
-            mu, var = mu.to(running_mean.dtype), var.to(running_var.dtype)
-        # Both lerps in one op.
-        torch._foreach_lerp_((running_mean, running_var), (mu, var), factor)
+    @torch.no_grad()
+    def _update_running_stats(self, mu: torch.Tensor, var: torch.Tensor, m: int) -> None:
+        """running = (1 - f) * running + f * batch, PyTorch's contract: f = momentum, or
+        1 / num_batches_tracked (a cumulative average) when momentum is None, and
+        running_var takes the unbiased batch variance var * m / (m - 1)."""
+        self.num_batches_tracked.add_(1)
+        f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mu.to(self.running_mean.dtype), f)
+        self.running_var.lerp_((var * (m / (m - 1))).to(self.running_var.dtype), f)
 
     def extra_repr(self) -> str:
         return (

@@ -23,6 +23,7 @@ __all__ = [
     "FieldSpec",
     "FIELDS",
     "LIVE_FIELDS",
+    "MEASURE_CADENCES",
     "RunConfig",
     "VariantSpec",
     "list_presets",
@@ -190,6 +191,8 @@ FIELDS: dict[str, FieldSpec] = {
     "bn_noise_scale_std": FieldSpec(float, "noisy BN: per-element scale std", 0.0, 10.0),
 }
 LIVE_FIELDS = ("lr", "momentum", "bn_momentum")
+# Cadences of the measures a Trainer is given (bn_core.experiments.measures_for); 0 is off.
+MEASURE_CADENCES = ("ics_every", "landscape_every")
 _TOP_LEVEL = set(FIELDS) | {"variants"}
 
 
@@ -369,9 +372,6 @@ class RunConfig:
         """Fields other than the live ones that differ: changing these needs a reset."""
         mine, theirs = self.to_dict(), other.to_dict()
         return [k for k in mine if k not in LIVE_FIELDS and mine[k] != theirs[k]]
-
-    def variant_lr(self, spec: VariantSpec) -> float:
-        return self.lr if spec.lr is None else spec.lr
 
 
 def _parse_variants(raw: Any) -> tuple[VariantSpec, ...]:

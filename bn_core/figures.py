@@ -412,10 +412,6 @@ class _Canvas:
         self.panel_scale = 1.0  # height of a row of panels, relative to the theme's
         self.filled: set[str] = set()  # x refs of panels that got data
 
-    @property
-    def has_data(self) -> bool:
-        return bool(self.filled)
-
     def use(self, panels: Sequence[_Panel]) -> None:
         """Only ``panels`` are in use: hide the other cells of the grid."""
         self.active = list(panels)

@@ -182,11 +182,6 @@ class History:
         """Current scalar stride: stored scalar steps are exactly the multiples of it."""
         return self._stride
 
-    @property
-    def histogram_stride(self) -> int:
-        """Current histogram stride: stored histogram steps are exactly the multiples of it."""
-        return self._hist_stride
-
     def _see(self, step: int) -> int:
         """Validate ``step``, note it for last_step() and return it as a Python int."""
         step = int(step)  # numpy ints would make every comparison below slower

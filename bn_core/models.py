@@ -11,13 +11,21 @@ layer with tensors of shape (V, N, ...), which is what the probes measure.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bn_core.batchnorm import BatchNorm, NoiseSettings, NoisyBatchNorm, lockstep_output_op
+from bn_core.batchnorm import (
+    BatchNorm,
+    NoiseSettings,
+    NoisyBatchNorm,
+    noise_states,
+    set_noise_states,
+)
 from bn_core.config import RunConfig, VariantSpec
 
 __all__ = [
@@ -28,19 +36,11 @@ __all__ = [
     "build_model",
     "make_norm",
     "noise_settings",
+    "preserved_state",
     "variant_losses",
 ]
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
-# A lockstep output layer narrower than NARROW_OUTPUT classes, over at least
-# MANY_VARIANTS variants, runs the compiled kernel's transposed form: on the CPU a batched
-# product with a 10-wide result is slow. Forward and backward of the 60 x 100 -> K layer
-# alone, one thread, baddbmm vs the compiled op: K = 10 at 8 variants 315 vs 227 us, at 4
-# 206 vs 184, at 2 even, at 1 126 vs 154 (the op count decides there); K = 2 at 8
-# variants 318 vs 183; K = 16 at 8 variants 185 vs 255. In the app that is the
-# learning-rate sweep (8 variants) and custom runs of 4 or more variants.
-NARROW_OUTPUT = 16
-MANY_VARIANTS = 4
 
 
 @dataclass
@@ -157,22 +157,12 @@ class _NormGroups(nn.Module):
                 for a, b, norm in bn_runs
             ]
         )
-        # Only our own BatchNorm has the lockstep form (torch's and the noisy one do not).
-        self._all_ours = all(type(bn) is BatchNorm for bn in self.groups)
         # The module that normalizes each run, None for the plain ones.
         modules = iter(self.groups)
         self._run_modules = [None if norm == "none" else next(modules) for *_, norm in self.runs]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if not self.groups:
-            return h
-        ops = [bn.stacked_op() for bn in self.groups] if self._all_ours else None
-        # (A batch of one takes the path below, whose BatchNorm explains why it cannot train.)
-        if ops is not None and None not in ops and h.shape[1] > 1:
-            # Our BatchNorm, compiled, in training: each run is normalized where it lies in
-            # the (V, N, C) tensor, with no split, permute or concatenation.
-            for bn, op, index in zip(self.groups, ops, self.group_index, strict=True):
-                h = bn.forward_variants(h, index[0], index[-1] + 1, op)
             return h
         V, N, C = h.shape
         pieces = []
@@ -182,9 +172,11 @@ class _NormGroups(nn.Module):
         for (a, b, _), bn, part in zip(self.runs, self._run_modules, parts, strict=True):
             if bn is None:
                 pieces.append(part)
-            elif b - a == 1:
-                pieces.append(bn(part.view(N, C)).unsqueeze(0))
+            elif type(bn) is BatchNorm:
+                # Our layer normalizes the run's (V_run, N, C) slice where it lies.
+                pieces.append(bn.forward_variants(part))
             else:
+                # torch's BatchNorm1d and the noisy BN take (N, V_run * C) features.
                 flat = part.permute(1, 0, 2).reshape(N, (b - a) * C)
                 pieces.append(bn(flat).view(N, b - a, C).permute(1, 0, 2))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
@@ -262,18 +254,7 @@ class LockstepMLP(nn.Module):
                 bn_input = post
             if record:
                 records.append(LayerRecord(name, preact, post, bn_input, h))
-        return self._output_layer(h), records
-
-    def _output_layer(self, h: torch.Tensor) -> torch.Tensor:
-        """logits = h @ W + b per variant; for a narrow output over many variants the
-        compiled kernel's transposed form, which is faster there (see NARROW_OUTPUT)."""
-        V, _, K = self.out_weight.shape
-        # Measured on the CPU only; elsewhere the library's own product is kept.
-        fast = K < NARROW_OUTPUT and V >= MANY_VARIANTS and h.device.type == "cpu"
-        op = lockstep_output_op() if fast else None
-        if op is None:
-            return torch.baddbmm(self.out_bias, h, self.out_weight)
-        return op(h, self.out_weight, self.out_bias)
+        return torch.baddbmm(self.out_bias, h, self.out_weight), records
 
     @torch.no_grad()
     def layer_stacks(self) -> list[LayerStack]:
@@ -519,6 +500,29 @@ class LockstepLeNet(nn.Module):
             if any(param is p for p in net.parameters()):
                 return torch.full((1,) * param.dim(), v)
         raise KeyError("parameter not in this model")
+
+
+@contextmanager
+def preserved_state(model: nn.Module, params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Run extra passes through ``model`` and leave it exactly as it was.
+
+    Restores the values of ``params``, every buffer (BN running statistics and counters)
+    and the noise generators of noisy BN layers, bit for bit.
+    """
+    values = [p.detach().clone() for p in params]
+    buffers = list(model.buffers())
+    saved = [b.clone() for b in buffers]
+    noise = noise_states(model)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, values, strict=True):
+                p.copy_(v)
+            for b, v in zip(buffers, saved, strict=True):
+                b.copy_(v)
+        if noise:  # a model with noisy BN layers
+            set_noise_states(model, noise)
 
 
 def build_model(

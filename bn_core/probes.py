@@ -15,7 +15,6 @@ import torch
 __all__ = [
     "BAND_PERCENTILES",
     "FIG1_PERCENTILES",
-    "histogram_rows",
     "postact_range",
     "quantiles_of_sorted",
     "preact_edges",
@@ -23,7 +22,6 @@ __all__ = [
     "saturation_cut",
     "saturation_fraction",
     "sort_rows",
-    "update_ratio",
 ]
 
 # Ioffe & Szegedy Fig. 1 shows the 15th, 50th and 85th percentiles.
@@ -77,19 +75,6 @@ def row_std(rows: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(centered, dim=1) / math.sqrt(rows.shape[1] - 1)
 
 
-def histogram_rows(rows: torch.Tensor, low: float, high: float, bins: int) -> torch.Tensor:
-    """Counts of each row of (rows, n) over `bins` equal bins on [low, high].
-
-    Values outside the range are counted in the first or last bin, so no mass is lost; the
-    fraction outside is reported separately as `preact_clipped`.
-    """
-    r = rows.shape[0]
-    scaled = (rows - low) * (bins / (high - low))
-    index = scaled.nan_to_num(nan=0.0).floor().clamp_(0, bins - 1).long()
-    index += torch.arange(r, device=rows.device).unsqueeze(1) * bins
-    return torch.bincount(index.flatten(), minlength=r * bins).view(r, bins)
-
-
 def saturation_cut(activation: str, threshold: float) -> float | None:
     """The nonlinearity's input beyond which its output is saturated (None for ReLU).
 
@@ -137,9 +122,3 @@ def saturation_fraction(post: torch.Tensor, activation: str, threshold: float) -
     # A ReLU unit (a channel for conv layers) is dead when no example activates it.
     per_unit = post.transpose(1, 2).reshape(rows, post.shape[2], -1)
     return (per_unit.amax(-1) <= 0).float().mean(1)
-
-
-def update_ratio(lr: float, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """log10(std(lr * grad) / std(W)): about -3 is a healthy step size."""
-    ratio = (lr * grad).std() / weight.std()
-    return torch.log10(ratio) if lr > 0 else torch.tensor(-math.inf, device=grad.device)

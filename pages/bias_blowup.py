@@ -5,7 +5,7 @@ import streamlit as st
 from bn_core import figures
 from bn_core.config import load_preset
 from bn_core.experiments import charts
-from bn_core.experiments.blowup import BlowupResult, network_blowup, run_blowup
+from bn_core.experiments.blowup import BlowupResult, blowup_summary, network_blowup, run_blowup
 from ui.charts import show_chart
 from ui.export_panel import page_export_panel
 
@@ -70,7 +70,7 @@ try:
 except Exception as err:  # bounded widgets should make this unreachable; never a traceback
     st.error(f"The minimal model could not run with lr = {lr:g}, {steps} steps: {err}")
     st.stop()
-summary = charts.blowup_summary(result)
+summary = blowup_summary(result)
 divided = " / s" if scale else ""
 row = metric_row()
 row.metric(
@@ -175,7 +175,7 @@ net = ss.get("bb_network")
 if net is None:
     st.info("Press **Train both nets** to run the comparison; it takes a few seconds.")
 else:
-    grad_range = charts.bias_grad_range(net)
+    grad_range = net.bias_grad_range()
     row = metric_row()
     row.metric("Steps trained", f"{len(net.steps):,}", width=METRIC_WIDTH)
     row.metric(

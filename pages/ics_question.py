@@ -4,6 +4,7 @@ import streamlit as st
 
 from bn_core import figures
 from bn_core.config import ConfigError, load_preset
+from bn_core.experiments import make_trainer
 from bn_core.experiments.ics import claims_summary
 from bn_core.train import Trainer
 from ui import load
@@ -38,7 +39,7 @@ def new_run() -> None:
     """A fresh run with the length and cadences chosen; a bad choice keeps the old run."""
     try:
         config = load_preset(PRESET).replace(**{f: ss[f"ics_w_{f}"] for f in SETTINGS})
-        ss.ics_trainer = Trainer(config)
+        ss.ics_trainer = make_trainer(config)
     except ConfigError as err:
         ss.ics_message = f"Not restarted, the current run is kept. {err}"
         return

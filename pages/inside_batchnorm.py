@@ -181,7 +181,7 @@ if section == "Stages":
     b2.button("γ = 1, β = 0", on_click=set_affine, args=(1.0, 0.0), width="stretch")
 
     result = stages(x, gamma, beta, before.eps)
-    max_diff = charts.output_change(result)
+    max_diff = result.output_change
     m = metric_row()
     m.metric("μ_B", f"{result.mu_B:.4g}", help="Batch mean", width=METRIC_WIDTH)
     m.metric(

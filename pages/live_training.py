@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from bn_core import figures, native
+from bn_core import figures
 from bn_core.config import FIELDS
 from bn_core.data import DATASETS
 from bn_core.train import Trainer
@@ -125,7 +125,7 @@ with st.sidebar:
         ["auto", "cpu", "cuda"],
         key="w_device",
         persist_state="session",
-        help=f"Where the nets train. Our BatchNorm layers run on the {native.status()}.",
+        help="Where the nets train: auto picks a CUDA GPU, then Apple's MPS, then the CPU.",
     )
     st.checkbox(
         "Keep the linear bias before BN",

@@ -12,12 +12,6 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
   fi
 fi
 
-# The tests run both BatchNorm kernels, so the compiled one must build here.
-if ! command -v c++ >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++
-fi
-python -m bn_core.native build
-
 ruff check .
 ruff format --check .
 python -m pytest "$@"

@@ -13,7 +13,7 @@ import torch
 from chart_elements import figure_specs
 from streamlit.testing.v1 import AppTest
 
-from bn_core import BatchNorm, figures
+from bn_core import figures
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -277,14 +277,6 @@ def test_two_sessions_have_independent_trainers(app_path):
     run(one)
     assert one.session_state.trainer.live["lr"] == 0.5
     assert one.session_state.trainer.history.events == []
-
-
-def test_device_help_names_the_batchnorm_kernel_that_runs(at):
-    # The test command builds the compiled kernel, so the help must say it is the one.
-    help_text = widget(at.sidebar.selectbox, "Device").help
-    assert "BatchNorm layers run on the compiled C++ kernel" in help_text
-    x = torch.randn(4, 3, requires_grad=True)
-    assert "CppNode" in BatchNorm(3)(x).grad_fn.name()
 
 
 # --- how charts reach the browser ---------------------------------------------------------

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from bn_core.__main__ import main
 from bn_core.config import RunConfig, list_presets, load_preset
@@ -78,12 +77,7 @@ def cli(tmp_path_factory):
     cmds.close()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:

@@ -208,7 +208,6 @@ def test_variant_objects_and_lr_override():
         VariantSpec("plain", "none", None),
         VariantSpec("base", "none", None),
     )
-    assert [cfg.variant_lr(v) for v in cfg.variants] == [2.5, 0.5, 0.5]
     assert isinstance(cfg.variants[0].lr, float)
 
 

@@ -12,7 +12,7 @@ from bn_core import figures
 from bn_core.config import load_preset
 from bn_core.data import load_dataset
 from bn_core.experiments import charts
-from bn_core.experiments.blowup import network_blowup, run_blowup
+from bn_core.experiments.blowup import blowup_summary, network_blowup, run_blowup
 from bn_core.experiments.inside import (
     batch_size_noise,
     momentum_conventions,
@@ -244,7 +244,7 @@ def test_blowup_loss_is_flat_on_an_axis_from_zero(blowup):
 @pytest.mark.parametrize("scaled", [False, True])
 def test_blowup_summary_measured_slope_matches_the_prediction(blowup, blowup_scaled, scaled):
     result = blowup_scaled if scaled else blowup
-    s = charts.blowup_summary(result)
+    s = blowup_summary(result)
     assert s.measured_slope == pytest.approx(s.predicted_slope, rel=1e-9)
     assert s.predicted_slope == pytest.approx(result.predicted_slope, rel=1e-12)
     assert s.grad_sum == pytest.approx(len(result.u) * result.offset)
@@ -268,7 +268,7 @@ def test_network_charts_plot_every_layer_and_step(net):
         titles = [a.text for a in fig.layout.annotations if a.name == "subplot_title"]
         assert titles == net.layers
     assert charts.network_bias_grads(net).layout.yaxis.type == "log"
-    ranges = charts.bias_grad_range(net)
+    ranges = net.bias_grad_range()
     assert ranges["batchnorm"][1] <= 1e-6 < ranges["batchnorm-naive"][0]
 
 
@@ -315,6 +315,8 @@ def test_momentum_chart_pytorch_and_keras_coincide(conventions, gap):
     np.testing.assert_array_equal(torch_line.y, conventions.torch)
     np.testing.assert_array_equal(keras_line.y, conventions.keras)
     np.testing.assert_allclose(torch_line.y, keras_line.y, rtol=0, atol=1e-12)
+    assert conventions.largest_gap == np.max(np.abs(torch_line.y - keras_line.y)) < 1e-12
+    assert charts.sci_format(conventions.largest_gap) in fig.layout.title.subtitle.text
     np.testing.assert_array_equal(
         trace(fig, "mixed up: PyTorch's rule with m = 0.9").y, conventions.mistaken
     )

@@ -27,13 +27,7 @@ from bn_core.experiments.inside import (
     train_eval_gap,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +149,9 @@ def test_stages_equal_direct_formulas():
     np.testing.assert_allclose(s.x_hat, x_hat, rtol=0, atol=1e-13)
     np.testing.assert_allclose(s.y, 1.5 * x_hat - 0.25, rtol=0, atol=1e-13)
     np.testing.assert_array_equal(s.x, xn)
+    assert s.output_change == np.max(np.abs(1.5 * x_hat - 0.25 - xn))
+    gamma, beta = identity_params(x, eps=1e-3)
+    assert stages(x, gamma=gamma, beta=beta, eps=1e-3).output_change < 1e-12
 
 
 @pytest.mark.parametrize(("mean", "std"), [(0.0, 1.0), (5.0, 2.0), (-300.0, 0.01)])

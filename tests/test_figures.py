@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import plotly.graph_objects as go
@@ -12,6 +11,7 @@ import torch
 
 from bn_core import figures
 from bn_core.config import load_preset
+from bn_core.experiments import make_trainer
 from bn_core.figures import CHARTS, OKABE_ITO, VARIANT_COLORS, apply_theme, variant_color
 from bn_core.history import History
 from bn_core.train import Trainer
@@ -23,14 +23,18 @@ LR_CHANGE_STEP = 100
 def trainer() -> Trainer:
     """The paper's Fig. 1 set-up for 200 steps, with a learning-rate change half way
     and Santurkar et al.'s measurements on."""
-    torch.set_num_threads(1)
     config = load_preset("ioffe-fig1").replace(
         steps=200, telemetry_every=10, eval_every=50, ics_every=10, landscape_every=50
     )
-    tr = Trainer(config)
-    tr.advance(steps=LR_CHANGE_STEP)
-    tr.set_live(lr=1.0)
-    tr.advance(steps=200 - LR_CHANGE_STEP)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a module-scoped fixture, so not the function-scoped one
+    try:
+        tr = make_trainer(config)
+        tr.advance(steps=LR_CHANGE_STEP)
+        tr.set_live(lr=1.0)
+        tr.advance(steps=200 - LR_CHANGE_STEP)
+    finally:
+        torch.set_num_threads(threads)
     return tr
 
 
@@ -224,16 +228,8 @@ def test_apply_theme_switches_back_and_forth(history):
 
 
 @pytest.mark.parametrize("key", BUILDERS)
-def test_builders_are_fast_and_send_typed_arrays(key, history):
-    build = BUILDERS[key]
-    build(history)
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fig = build(history)
-        times.append(time.perf_counter() - start)
-    # ~10-40 ms on an idle machine; the bound leaves room for a busy CI runner.
-    assert min(times) < 0.25
+def test_builders_send_typed_arrays(key, history):
+    fig = BUILDERS[key](history)
     payload = json.loads(fig.to_json())
     for trace in payload["data"]:
         if trace.get("x") and len(trace["x"]) != 1:  # legend keys are [null]

@@ -1,8 +1,9 @@
-"""A million steps headless with the default telemetry: bounded history, flat memory.
+"""100,000 steps headless with the default telemetry: bounded history, flat memory.
 
 tests/conftest.py starts ``bench/long_run.py`` in a separate process when this file is
 collected (a fresh process, so its RSS is the run's own, not pytest's), and runs these
-tests last. BN_LAB_LONG_RUN_STEPS sets a shorter run for local work.
+tests last. BN_LAB_LONG_RUN_STEPS changes the length; the million-step soak is
+``python bench/long_run.py --steps 1000000``, a benchmark.
 """
 
 from __future__ import annotations

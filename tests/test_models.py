@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from bn_core import native
-from bn_core.batchnorm import BatchNorm, use_kernel
+from bn_core.batchnorm import BatchNorm
 from bn_core.config import RunConfig
 from bn_core.data import load_dataset
 from bn_core.models import LockstepLeNet, LockstepMLP, build_model
@@ -21,12 +20,7 @@ ALL4 = ["plain", "batchnorm", "batchnorm-naive", "batchnorm-torch"]
 BN_TYPES = (BatchNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
@@ -432,20 +426,20 @@ def test_lenet_weights_follow_the_configured_init():
             assert abs(m.weight.std().item() - 0.5) < 0.05, m
 
 
-# --- the compiled lockstep BatchNorm ----------------------------------------------------
-# With the compiled kernel, a lockstep MLP normalizes each run of BN variants where it lies
-# in the (V, N, C) activation (bn_core::batch_norm_train_stacked). The Python kernel takes
-# the split / permute / concatenate path, so the two kernels check each other.
+# --- runs of BN variants in one activation --------------------------------------------
+# Consecutive variants with the same normalization share one BN module that normalizes
+# their (V_run, N, C) slice where it lies; each layout must give every variant the numbers
+# of its own torch.nn net.
 
 LAYOUTS = {
     "one": ["batchnorm"],
-    "pair": ["plain", "batchnorm"],
     "mixed": [
         {"name": "b1", "norm": "batchnorm"},
         {"name": "p1", "norm": "none"},
         {"name": "b2", "norm": "batchnorm"},
         {"name": "b3", "norm": "batchnorm"},
         {"name": "n1", "norm": "batchnorm-naive"},
+        {"name": "t1", "norm": "batchnorm-torch"},
         {"name": "p2", "norm": "none"},
     ],
     "sweep": [{"name": f"{n}{i}", "norm": n} for n in ("none", "batchnorm") for i in range(4)],
@@ -454,228 +448,26 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("placement", ["before", "after"])
-def test_compiled_lockstep_bn_matches_the_python_kernel(float64, digits, layout, placement):
-    assert native.load_stacked() is not None, native.status()
+def test_bn_runs_match_each_variants_own_net(float64, digits, layout, placement):
     cfg = mlp_config(variants=LAYOUTS[layout], placement=placement, bn_momentum=0.3)
     torch.manual_seed(0)
-    compiled = LockstepMLP(cfg, 64, 10)
+    model = LockstepMLP(cfg, 64, 10)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():  # non-trivial gamma and beta
-        for p in compiled.parameters():
+        for p in model.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    python = copy.deepcopy(compiled)
     V = len(cfg.variants)
-    for x, y in batches(digits, 3, 24):
-        outputs = []
-        for model, kernel in ((compiled, "cpp"), (python, "python")):
-            model.zero_grad()
-            with use_kernel(kernel):
-                logits, _ = model(x)
-                lockstep_loss(logits, y).sum().backward()
-                outputs.append(logits)
-                h = x.unsqueeze(0).expand(V, -1, -1)
-                node = model.norms[0](torch.baddbmm(model.biases[0], h, model.weights[0]))
-            assert ("BatchNormStacked" in node.grad_fn.name()) == (kernel == "cpp")
-        assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
-        for (name, a), b in zip(compiled.named_parameters(), python.parameters(), strict=True):
-            assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
-        # The extra pass above counted one more batch on both sides alike.
-        for (name, a), b in zip(compiled.named_buffers(), python.buffers(), strict=True):
-            assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
-
-
-def _stacked_inputs(V=5, N=6, C=3, start=1, stop=3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    h = (torch.randn(V, N, C, generator=gen, dtype=torch.float64) * 2 + 1).requires_grad_()
-    G = stop - start
-    w = (1 + 0.3 * torch.randn(G * C, generator=gen, dtype=torch.float64)).requires_grad_()
-    b = (0.2 * torch.randn(G * C, generator=gen, dtype=torch.float64)).requires_grad_()
-    return h, w, b
-
-
-@pytest.mark.parametrize("through_stats", [True, False])
-@pytest.mark.parametrize(("start", "stop"), [(0, 5), (1, 3), (0, 1), (4, 5)])
-def test_stacked_op_passes_gradcheck(through_stats, start, stop):
-    op = native.load_stacked()
-    h, w, b = _stacked_inputs(start=start, stop=stop)
-
-    def fn(h, w, b):
-        return op(h, w, b, None, None, start, stop, 1e-5, 0.0, through_stats)
-
-    y = fn(h, w, b)
-    dy = torch.randn_like(y)
-    (dh,) = torch.autograd.grad(y, h, dy)
-    if through_stats:
-        assert torch.autograd.gradcheck(fn, (h, w, b))
-    else:
-        # gamma and beta enter after the statistics: their gradients are the true ones.
-        assert torch.autograd.gradcheck(fn, (h.detach(), w, b))
-        # The naive input gradient holds mu_B and var_B constant: gamma * inv_std * dy.
-        run = h.detach()[start:stop]
-        inv_std = (run.var(1, unbiased=False, keepdim=True) + 1e-5).rsqrt()
-        gamma = w.detach().view(stop - start, 1, -1)
-        assert_close(dh[start:stop], gamma * inv_std * dy[start:stop], rtol=1e-12, atol=1e-12)
-    # The variants outside the run pass through, value and gradient.
-    outside = [v for v in range(h.shape[0]) if not start <= v < stop]
-    assert torch.equal(y[outside], h[outside].detach())
-    assert torch.equal(dh[outside], dy[outside])
-
-
-def test_stacked_op_matches_batchnorm_on_the_permuted_run_and_its_own_fallback():
-    op = native.load_stacked()
-    h, w, b = _stacked_inputs(V=4, N=7, C=5, start=1, stop=4, seed=3)
-    dy = torch.randn(4, 7, 5, dtype=torch.float64)
-    # Reference: torch's BatchNorm1d on the run laid out as (N, G * C).
-    ref = nn.BatchNorm1d(15, momentum=0.2).double()
-    with torch.no_grad():
-        ref.weight.copy_(w)
-        ref.bias.copy_(b)
-    flat = h[1:4].permute(1, 0, 2).reshape(7, 15)
-    expected = torch.cat([h[:1], ref(flat).view(7, 3, 5).permute(1, 0, 2)])
-    expected_grads = torch.autograd.grad(expected, (h, ref.weight, ref.bias), dy)
-    results = []
-    # The loops (contiguous input) and the tensor-op path (a strided view of the same values).
-    for layout in ("contiguous", "strided"):
-        x = h if layout == "contiguous" else h.detach().transpose(0, 2).contiguous().transpose(0, 2)
-        if layout == "strided":
-            assert not x.is_contiguous()
-            x.requires_grad_()
-        rm, rv = torch.zeros(15, dtype=torch.float64), torch.ones(15, dtype=torch.float64)
-        y = op(x, w, b, rm, rv, 1, 4, 1e-5, 0.2, True)
-        assert_close(y, expected, rtol=1e-12, atol=1e-12)
-        assert_close(rm, ref.running_mean, rtol=1e-12, atol=1e-12)
-        assert_close(rv, ref.running_var, rtol=1e-12, atol=1e-12)
-        results.append(torch.autograd.grad(y, (x, w, b), dy))
-    for grads in results:
-        for a, c in zip(grads, expected_grads, strict=True):
-            assert_close(a, c, rtol=1e-10, atol=1e-12)
-
-
-def test_stacked_op_result_does_not_depend_on_the_thread_count():
-    op = native.load_stacked()
-    gen = torch.Generator().manual_seed(5)
-    # Big enough that each variant's slab is its own thread job.
-    h = torch.randn(6, 512, 96, generator=gen).requires_grad_()
-    w, b = torch.rand(5 * 96, generator=gen) + 0.5, torch.randn(5 * 96, generator=gen)
-    w.requires_grad_()
-    b.requires_grad_()
-    dy = torch.randn(6, 512, 96, generator=gen)
-    results = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        y = op(h, w, b, None, None, 1, 6, 1e-5, 0.0, True)
-        results.append((y, *torch.autograd.grad(y, (h, w, b), dy)))
-    for a, c in zip(*results, strict=True):
-        assert torch.equal(a, c)
-
-
-@pytest.mark.parametrize(
-    ("shape", "start", "stop", "features", "message"),
-    [
-        ((4, 5, 3), 2, 6, 12, r"variants \[2, 6\) are not within the 4 variants"),
-        ((4, 5, 3), 3, 3, 0, r"variants \[3, 3\) are not within"),
-        ((4, 5, 3), 0, 2, 5, r"2 variants of 3 channels need weight and bias of 6 values"),
-        ((4, 5), 0, 2, 6, r"expected a \(V, N, C\) input"),
-    ],
-)
-def test_stacked_op_rejects_bad_arguments(shape, start, stop, features, message):
-    op = native.load_stacked()
-    w = torch.ones(max(features, 1))
-    with pytest.raises(RuntimeError, match=message):
-        op(torch.randn(shape), w, torch.zeros_like(w), None, None, start, stop, 1e-5, 0.0, True)
-
-
-def test_forward_variants_names_a_shape_that_does_not_fit():
-    bn = BatchNorm(6)  # 2 variants of 3 channels
-    op = native.load_stacked()
-    with pytest.raises(ValueError, match=r"shape \(4, 5, 4\): expected \(V, N, C\) where variants"):
-        bn.forward_variants(torch.randn(4, 5, 4), 1, 3, op)
-    with pytest.raises(ValueError, match=r"variants \[0, 3\) hold its 6 features"):
-        bn.forward_variants(torch.randn(4, 5, 3), 0, 3, op)
-
-
-# --- the lockstep output layer ---------------------------------------------------------
-
-
-def _output_inputs(V=3, N=7, C=5, K=4, seed=0, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    h = torch.randn(V, N, C, generator=gen, dtype=dtype).requires_grad_()
-    w = torch.randn(V, C, K, generator=gen, dtype=dtype).requires_grad_()
-    b = torch.randn(V, 1, K, generator=gen, dtype=dtype).requires_grad_()
-    return h, w, b
-
-
-def _output_op():
-    op = native.load_output()
-    assert op is not None, native.status()
-    return op
-
-
-def test_output_op_passes_gradcheck():
-    op = _output_op()
-    assert torch.autograd.gradcheck(op, _output_inputs())
-    # Each input's gradient is computed only when asked for (needs_input_grad).
-    h, w, b = _output_inputs(seed=1)
-    assert torch.autograd.gradcheck(op, (h.detach(), w, b))
-    assert torch.autograd.gradcheck(op, (h, w.detach(), b.detach()))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_output_op_matches_baddbmm(dtype):
-    op = _output_op()
-    h, w, b = _output_inputs(V=8, N=60, C=100, K=10, seed=2, dtype=dtype)
-    dy = torch.randn(8, 60, 10, dtype=dtype, generator=torch.Generator().manual_seed(3))
-    got = op(h, w, b)
-    expected = torch.baddbmm(b, h, w)
-    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
-    assert got.shape == (8, 60, 10) and got.is_contiguous()
-    assert_close(got, expected, **tol)
-    for a, c in zip(
-        torch.autograd.grad(got, (h, w, b), dy),
-        torch.autograd.grad(expected, (h, w, b), dy),
-        strict=True,
-    ):
-        assert a.is_contiguous()
-        assert_close(a, c, **tol)
-
-
-def test_mlp_output_layer_uses_the_compiled_op_where_it_is_faster(digits):
-    """10 classes over 4 variants take the compiled output layer; 16 classes, 3 variants
-    or the Python kernel the batched product. The numbers are the same either way."""
-    three = ["plain", "batchnorm", "batchnorm-naive"]
-    cases = [
-        (ALL4, 10, "auto", "LockstepOutput"),
-        (ALL4, 16, "auto", "Baddbmm"),
-        (three, 10, "auto", "Baddbmm"),
-        (ALL4, 10, "python", "Baddbmm"),  # the readable kernel runs no compiled code
-    ]
-    for variants, classes, kernel, node in cases:
-        model = LockstepMLP(mlp_config(variants=variants), 64, classes)
-        with use_kernel(kernel):
-            logits, _ = model(digits.x_train[:20])
-            h = torch.randn(len(variants), 20, model.out_weight.shape[1])
-            got = model._output_layer(h)
-        assert node in logits.grad_fn.name(), (len(variants), classes, kernel)
-        assert_close(got, torch.baddbmm(model.out_bias, h, model.out_weight))
-
-
-@pytest.mark.parametrize(
-    ("shapes", "message"),
-    [
-        (((3, 7, 5), (3, 5, 4), (3, 4)), r"expected h \(V, N, C\), weight \(V, C, K\)"),
-        (((3, 7, 5), (2, 5, 4), (3, 1, 4)), r"h \[3, 7, 5\] needs weight \(3, 5, K\)"),
-        (((3, 7, 5), (3, 6, 4), (3, 1, 4)), r"got weight \[3, 6, 4\] and bias \[3, 1, 4\]"),
-        (((3, 7, 5), (3, 5, 4), (3, 1, 3)), r"needs weight \(3, 5, K\) and bias \(3, 1, K\)"),
-    ],
-)
-def test_output_op_rejects_bad_shapes(shapes, message):
-    op = _output_op()
-    with pytest.raises(RuntimeError, match=message):
-        op(*(torch.randn(s) for s in shapes))
-
-
-def test_output_op_rejects_mixed_dtypes():
-    op = _output_op()
-    h, w, b = _output_inputs()
-    with pytest.raises(RuntimeError, match=r"must share dtype and device, got Double/cpu, Float"):
-        op(h, w.float(), b)
+    nets = [model.to_sequential(v).train() for v in range(V)]
+    x, y = batches(digits, 1, 24)[0]
+    logits, _ = model(x)
+    lockstep_loss(logits, y).mean(1).sum().backward()
+    for v, net in enumerate(nets):
+        out = net(x)
+        assert_close(logits[v], out, rtol=1e-12, atol=1e-12)
+        F.cross_entropy(out, y).backward()
+        for W, linear in zip([*model.weights, model.out_weight], linears(net), strict=True):
+            assert_close(W.grad[v], linear.weight.grad.T, rtol=1e-10, atol=1e-12)
+        stats = model.bn_running_stats(v)
+        for layer_stats, bn in zip([st for st in stats if st is not None], bns(net), strict=True):
+            assert_close(layer_stats[0], bn.running_mean, rtol=1e-12, atol=1e-12)
+            assert_close(layer_stats[1], bn.running_var, rtol=1e-12, atol=1e-12)

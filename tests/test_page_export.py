@@ -6,15 +6,11 @@ import zipfile
 import numpy as np
 import plotly.graph_objects as go
 import pytest
-import torch
 from streamlit.testing.v1 import AppTest
 
 from bn_core import export
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_figure_rows_are_the_traces_numbers():

@@ -24,16 +24,16 @@ from bn_core.batchnorm import (
 )
 from bn_core.config import ConfigError, RunConfig, from_query, load_preset, to_query
 from bn_core.data import load_dataset
+from bn_core.experiments import make_trainer
 from bn_core.experiments.ics import (
     claims_summary,
     measure_ics,
-    preserved_state,
     shifted_gradient,
     steps_to_accuracy,
 )
 from bn_core.experiments.landscape import LANDSCAPE_METRICS, eta_grid, probe_landscape
 from bn_core.experiments.sweep import LrSweep, SweepPoint, lr_grid, usable_ranges
-from bn_core.models import LockstepMLP, variant_losses
+from bn_core.models import LockstepMLP, preserved_state, variant_losses
 from bn_core.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -200,8 +200,8 @@ def test_measurements_leave_the_run_bitwise_identical(digits):
         momentum=0.9,
         probe_size=50,
     )
-    quiet = Trainer(base, digits)
-    measured = Trainer(base.replace(ics_every=1, landscape_every=1), digits)
+    quiet = make_trainer(base, digits)
+    measured = make_trainer(base.replace(ics_every=1, landscape_every=1), digits)
     quiet.advance(steps=25)
     measured.advance(steps=25)
     assert len(measured.history.series("batchnorm-noisy", "layer3", "ics_l2")[0]) == 25
@@ -218,7 +218,7 @@ def test_a_probe_in_the_middle_of_a_step_restores_everything(digits):
     cfg = load_preset("ioffe-fig1").replace(
         width=16, variants=["plain", "batchnorm-noisy"], probe_size=50
     )
-    trainer = Trainer(cfg, digits)
+    trainer = make_trainer(cfg, digits)
     trainer.advance(steps=3)
     model, opt = trainer.model, trainer.optimizer
     x, y = trainer._next_batch()
@@ -242,7 +242,7 @@ def test_a_probe_in_the_middle_of_a_step_restores_everything(digits):
 def test_a_replayed_noise_draw_gives_the_training_step_its_own_loss(digits):
     """With the step's noise replayed, the probe at eta = 0 sees the training loss exactly."""
     cfg = load_preset("ioffe-fig1").replace(width=16, variants=["batchnorm-noisy"], probe_size=50)
-    trainer = Trainer(cfg, digits)
+    trainer = make_trainer(cfg, digits)
     model, opt = trainer.model, trainer.optimizer
     x, y = trainer._next_batch()
     noise = noise_states(model)
@@ -326,11 +326,11 @@ def test_noisy_bn_gradient_passes_gradcheck():
 
 def test_noisy_runs_are_deterministic_by_seed(digits):
     cfg = load_preset("noisy-bn").replace(width=16, steps=15, probe_size=50)
-    a, b = Trainer(cfg, digits), Trainer(cfg, digits)
+    a, b = make_trainer(cfg, digits), make_trainer(cfg, digits)
     a.advance(steps=15), b.advance(steps=15)
     for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert torch.equal(pa, pb)
-    c = Trainer(cfg.replace(seed=1), digits)
+    c = make_trainer(cfg.replace(seed=1), digits)
     c.advance(steps=15)
     assert not torch.equal(a.model.weights[0], c.model.weights[0])
 
@@ -338,7 +338,7 @@ def test_noisy_runs_are_deterministic_by_seed(digits):
 def test_noisy_variant_makes_the_distribution_move_more(digits):
     """The point of the noisy variant: its layer inputs jump around from probe to probe."""
     cfg = load_preset("noisy-bn").replace(steps=200, probe_size=100)
-    trainer = Trainer(cfg, digits)
+    trainer = make_trainer(cfg, digits)
     trainer.advance(steps=200)
     rows = {r.measure: r.values for r in claims_summary(trainer.history, "layer3")}
     moved = rows["How far the median input of layer3 moved"]
@@ -348,7 +348,7 @@ def test_noisy_variant_makes_the_distribution_move_more(digits):
 # --- the claims table ------------------------------------------------------------------------
 def test_claims_summary_is_computed_from_the_history(digits):
     cfg = load_preset("ics-smoothness").replace(width=16, steps=120, probe_size=50)
-    trainer = Trainer(cfg, digits)
+    trainer = make_trainer(cfg, digits)
     trainer.advance(steps=120)
     h = trainer.history
     rows = {r.measure: r for r in claims_summary(h, "layer3", target_accuracy=0.5)}
@@ -485,7 +485,7 @@ def test_viewing_a_layer_of_a_noisy_run_leaves_the_run_unchanged(digits):
     from bn_core.experiments.inside import layer_batch
 
     cfg = load_preset("noisy-bn").replace(width=16, probe_size=50)
-    trainer = Trainer(cfg, digits)
+    trainer = make_trainer(cfg, digits)
     trainer.advance(steps=3)
     before = [t.clone() for t in run_state(trainer)]
     layer_batch(trainer, layer="layer2", unit=0, variant="batchnorm-noisy")

@@ -7,16 +7,11 @@ is never unpickled or evaluated; exported file names are sanitized; no torch.loa
 from __future__ import annotations
 
 import ast
-import pickle
-import socket
 import tomllib
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from bench.serve import ROOT, healthy, streamlit_server
+from bench.serve import ROOT
 from bn_core import export
 from ui.charts import chart_filename
 
@@ -58,22 +53,6 @@ def test_no_torch_load_pickle_eval_or_exec_in_the_product():
                 assert not {"pickle", "marshal", "shelve", "dill"} & set(names), path
 
 
-def test_an_uploaded_pickle_is_refused_and_never_run(tmp_path):
-    """A pickle whose loading would write a file: the upload path reads JSON only."""
-    from bn_core.config import ConfigError, RunConfig
-
-    marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
-    payload = pickle.dumps(Exploit())
-    with pytest.raises(ConfigError, match=r"config = '<file>': allowed: a JSON object"):
-        RunConfig.from_json(payload)
-    assert not marker.exists()
-
-
 @pytest.mark.parametrize(
     "hostile",
     ["../../etc/passwd", "a/b\\c", "name with spaces", "x\x00y", "ñ数据", "..", "CON:"],
@@ -89,58 +68,3 @@ def test_export_file_names_keep_only_safe_characters(hostile):
 
 
 # --- the real server ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def local_server(artifacts_dir):
-    """The server as `scripts/run.sh` starts it: the address comes from config.toml."""
-    with streamlit_server(artifacts_dir / "streamlit_server_security.log", address=None) as server:
-        yield server.url
-
-
-def _this_machines_other_addresses() -> list[str]:
-    """IPv4 addresses of this machine that are not loopback (from the routing table)."""
-    found = set()
-    for family, _, _, _, sockaddr in socket.getaddrinfo(socket.gethostname(), None):
-        if family == socket.AF_INET and not sockaddr[0].startswith("127."):
-            found.add(sockaddr[0])
-    try:  # the address of the default route, found without sending anything
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.1", 9))
-            if not s.getsockname()[0].startswith("127."):
-                found.add(s.getsockname()[0])
-    except OSError:
-        pass
-    return sorted(found)
-
-
-def test_the_server_answers_on_loopback_only(local_server):
-    assert healthy(local_server)
-    port = int(local_server.rsplit(":", 1)[1])
-    others = _this_machines_other_addresses()
-    if not others:
-        pytest.skip("this machine has no address besides loopback")
-    for address in others:
-        with socket.socket() as s:
-            s.settimeout(3)
-            assert s.connect_ex((address, port)) != 0, f"reachable on {address}:{port}"
-
-
-def _put(url: str, headers: dict[str, str]) -> int:
-    request = urllib.request.Request(url, data=b"{}", method="PUT", headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as err:
-        return err.code
-
-
-def test_uploads_need_the_pages_xsrf_token(local_server):
-    target = f"{local_server}/_stcore/upload_file/some-session/some-file"
-    assert _put(target, {}) == 403
-    assert _put(target, {"X-Xsrftoken": "forged"}) == 403
-    # With the token the page gets, the request passes the XSRF check and is refused
-    # only for its made-up session (400): the 403 above was the XSRF protection.
-    with urllib.request.urlopen(local_server + "/_stcore/health", timeout=10) as response:
-        cookies = response.headers.get_all("Set-Cookie") or []
-    (cookie,) = [c.split(";")[0] for c in cookies if c.startswith("_streamlit_xsrf=")]
-    token = cookie.split("=", 1)[1].strip('"')
-    assert _put(target, {"X-Xsrftoken": token, "Cookie": cookie}) == 400

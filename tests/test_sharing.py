@@ -321,13 +321,6 @@ def stepped(app_path) -> AppTest:
     return at
 
 
-def test_the_page_has_the_config_uploader(stepped):
-    uploader = stepped.file_uploader(key="w_upload")
-    assert uploader.label == "Load a config JSON"
-    assert uploader.allowed_type == [".json"]
-    assert not uploader.accept_multiple_files
-
-
 def test_uploading_a_good_config_starts_a_run_with_it(stepped):
     at = stepped
     old = at.session_state.trainer

@@ -21,7 +21,8 @@ from bn_core.config import (
     to_query,
 )
 from bn_core.data import DatasetUnavailable
-from bn_core.train import DeviceUnavailable, Trainer
+from bn_core.experiments import make_trainer
+from bn_core.train import DeviceUnavailable
 
 DEFAULT_PRESET = "ioffe-fig1"
 MAX_CONFIG_BYTES = 64 * 1024  # a config is about 1 KB; anything far larger is not one
@@ -80,16 +81,16 @@ def state() -> Any:
         # replaced by the preset's value, so the page always loads.
         config, preset, warnings = from_query(st.query_params.to_dict(), DEFAULT_PRESET)
         try:
-            trainer = Trainer(config)
+            trainer = make_trainer(config)
         except DeviceUnavailable as err:
             # Keep the rest of the link; only the device this machine lacks falls back.
             warnings.append(f"Link parameter ignored, device auto is used: {err}")
             config = config.replace(device="auto")
-            trainer = Trainer(config)
+            trainer = make_trainer(config)
         except (ConfigError, DatasetUnavailable) as err:
             warnings.append(f"The linked set-up could not start ({err}); using {preset}.")
             config = load_preset(preset)
-            trainer = Trainer(config)
+            trainer = make_trainer(config)
         ss.preset = preset
         ss.base_config = config
         ss.playing = False
@@ -123,7 +124,7 @@ def load_uploaded_config(data: bytes) -> None:
         return
     try:
         config = RunConfig.from_json(data)  # JSON only: never pickle, never eval
-        trainer = Trainer(config)
+        trainer = make_trainer(config)
     except (ConfigError, DatasetUnavailable) as err:
         ss.message = ("error", f"That file was not loaded, the current run is kept. {err}")
         return
@@ -209,7 +210,7 @@ def reset() -> None:
     ss = st.session_state
     try:
         config = config_from_widgets()
-        trainer = Trainer(config)
+        trainer = make_trainer(config)
     except (ConfigError, DatasetUnavailable) as err:
         ss.message = ("error", f"Reset not applied, the current run is kept. {err}")
         return

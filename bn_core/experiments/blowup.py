@@ -31,7 +31,9 @@ from bn_core.train import Trainer
 
 __all__ = [
     "BlowupResult",
+    "BlowupSummary",
     "NetworkBlowup",
+    "blowup_summary",
     "network_blowup",
     "run_blowup",
     "run_blowup_frame",
@@ -193,6 +195,37 @@ def run_blowup_frame(**kwargs: Any) -> pd.DataFrame:
     return run_blowup(**kwargs).to_frame()
 
 
+@dataclass(frozen=True)
+class BlowupSummary:
+    """The numbers a page shows next to the minimal model's charts."""
+
+    measured_slope: float  # (b_K - b_0) / K of the naive run
+    predicted_slope: float  # lr * |sum_i dL/dx_hat_i| (divided by s when scaling): lr n c / s
+    aware_drift: float  # max_k |b_k - b_0| of the aware run
+    loss_change: float  # max_k |L_k - L_0| over both runs
+    grad_sum: float  # |sum_i dL/dx_hat_i| = n c
+    divisor: float  # s: 1 when centering only, sqrt(var(u) + eps) when also scaling
+    batch_std: float  # sqrt(var(u) + eps), biased variance as BN takes it, in either mode
+
+
+def blowup_summary(result: BlowupResult) -> BlowupSummary:
+    """Measured against predicted slope, and how still the aware bias and the loss stay."""
+    k = int(result.steps[-1])
+    measured = (result.bias_naive[-1] - result.bias_naive[0]) / k if k else math.nan
+    loss_change = max(
+        float(np.max(np.abs(loss - loss[0]))) for loss in (result.loss_naive, result.loss_aware)
+    )
+    return BlowupSummary(
+        measured_slope=float(measured),
+        predicted_slope=result.lr * abs(result.g_closed_form),
+        aware_drift=float(np.max(np.abs(result.bias_aware - result.b0))),
+        loss_change=loss_change,
+        grad_sum=len(result.u) * abs(result.offset),
+        divisor=len(result.u) * abs(result.offset) / abs(result.g_closed_form),
+        batch_std=math.sqrt(float(np.var(result.u)) + result.eps),
+    )
+
+
 @dataclass
 class NetworkBlowup:
     """A finished bias-blowup Trainer plus per-step bias measurements it does not log.
@@ -219,6 +252,16 @@ class NetworkBlowup:
     def series(self, variant: str, metric: str) -> np.ndarray:
         """(layers, steps) array of ``bias_norm`` or ``bias_grad_norm`` of one variant."""
         return getattr(self, metric)[self.variants.index(variant)]
+
+    def bias_grad_range(self) -> dict[str, tuple[float, float]]:
+        """{variant: (smallest, largest) ‖dL/db‖ over all layers and steps}; NaN if no steps."""
+        out = {}
+        for variant in self.variants:
+            values = self.series(variant, "bias_grad_norm")
+            out[variant] = (
+                (float(values.min()), float(values.max())) if values.size else (math.nan, math.nan)
+            )
+        return out
 
 
 def network_blowup(

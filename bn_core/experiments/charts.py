@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 
-from bn_core.experiments.blowup import BlowupResult, NetworkBlowup
+from bn_core.experiments.blowup import BlowupResult, NetworkBlowup, blowup_summary
 from bn_core.experiments.inside import (
     BatchSizeNoise,
     MomentumConventions,
@@ -46,18 +45,14 @@ __all__ = [
     "AWARE_COLOR",
     "EXPERIMENT_CHARTS",
     "NAIVE_COLOR",
-    "BlowupSummary",
     "batch_size_noise_chart",
     "blowup_bias",
     "blowup_loss",
-    "blowup_summary",
     "lr_sweep_chart",
     "momentum_chart",
     "network_bias_grads",
     "network_bias_norms",
-    "output_change",
     "placement_chart",
-    "bias_grad_range",
     "scale_invariance_chart",
     "sci_format",
     "stages_histograms",
@@ -280,37 +275,6 @@ def sci_format(x: float) -> str:
 # --------------------------------------------------------------------------- bias blow-up
 
 
-@dataclass(frozen=True)
-class BlowupSummary:
-    """The numbers a page shows next to the minimal model's charts."""
-
-    measured_slope: float  # (b_K - b_0) / K of the naive run
-    predicted_slope: float  # lr * |sum_i dL/dx_hat_i| (divided by s when scaling): lr n c / s
-    aware_drift: float  # max_k |b_k - b_0| of the aware run
-    loss_change: float  # max_k |L_k - L_0| over both runs
-    grad_sum: float  # |sum_i dL/dx_hat_i| = n c
-    divisor: float  # s: 1 when centering only, sqrt(var(u) + eps) when also scaling
-    batch_std: float  # sqrt(var(u) + eps), biased variance as BN takes it, in either mode
-
-
-def blowup_summary(result: BlowupResult) -> BlowupSummary:
-    """Measured against predicted slope, and how still the aware bias and the loss stay."""
-    k = int(result.steps[-1])
-    measured = (result.bias_naive[-1] - result.bias_naive[0]) / k if k else math.nan
-    loss_change = max(
-        float(np.max(np.abs(loss - loss[0]))) for loss in (result.loss_naive, result.loss_aware)
-    )
-    return BlowupSummary(
-        measured_slope=float(measured),
-        predicted_slope=result.lr * abs(result.g_closed_form),
-        aware_drift=float(np.max(np.abs(result.bias_aware - result.b0))),
-        loss_change=loss_change,
-        grad_sum=len(result.u) * abs(result.offset),
-        divisor=len(result.u) * abs(result.offset) / abs(result.g_closed_form),
-        batch_std=math.sqrt(float(np.var(result.u)) + result.eps),
-    )
-
-
 def blowup_bias(result: BlowupResult, *, theme: str = "screen") -> go.Figure:
     """b over steps, naive and aware, with the predicted naive ramp dashed on top."""
     _check_theme(theme)
@@ -444,17 +408,6 @@ def _network_series(net: NetworkBlowup, metric: str) -> dict[str, tuple[np.ndarr
     return out
 
 
-def bias_grad_range(net: NetworkBlowup) -> dict[str, tuple[float, float]]:
-    """{variant: (smallest, largest) ‖dL/db‖ over all layers and steps}; NaN if no steps."""
-    out = {}
-    for variant in net.variants:
-        values = net.series(variant, "bias_grad_norm")
-        out[variant] = (
-            (float(values.min()), float(values.max())) if values.size else (math.nan, math.nan)
-        )
-    return out
-
-
 def network_bias_norms(net: NetworkBlowup, *, theme: str = "screen") -> go.Figure:
     """‖b‖ of each hidden layer's linear bias over steps, one line per variant."""
     _check_theme(theme)
@@ -486,11 +439,6 @@ def network_bias_grads(net: NetworkBlowup, *, theme: str = "screen") -> go.Figur
 
 
 # --------------------------------------------------------------------------- inside BN
-
-
-def output_change(stages: Stages) -> float:
-    """max_i |y_i - x_i|: 0 up to rounding exactly when the layer acts as the identity."""
-    return float(np.max(np.abs(stages.y - stages.x)))
 
 
 def _stage_bins(stages: Stages, bins: int) -> list[dict[str, float] | None]:
@@ -680,8 +628,7 @@ def momentum_chart(
         canvas.add(panel, _guide_trace(0, float(steps[-1]), population_mean, "population mean"))
     canvas.axis(panel, x_title="batches seen", y_title="running mean")
     canvas.layout["hovermode"] = "x unified"
-    apart = float(np.max(np.abs(result.torch - result.keras)))
-    subtitle = f"largest |PyTorch − Keras| = {sci_format(apart)}"
+    subtitle = f"largest |PyTorch − Keras| = {sci_format(result.largest_gap)}"
     return canvas.figure(EXPERIMENT_CHARTS["momentum_conventions"].title, theme, subtitle=subtitle)
 
 

@@ -16,8 +16,7 @@ statistics, noisy BN's generators), so measuring never changes the run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,42 +25,19 @@ from torch import nn
 
 from bn_core.batchnorm import noise_states, set_noise_states
 from bn_core.history import History
+from bn_core.models import preserved_state
+from bn_core.train import Measure, Trainer
 
 __all__ = [
     "ClaimRow",
+    "IcsMeasure",
     "claims_summary",
     "measure_ics",
-    "preserved_state",
     "shifted_gradient",
     "steps_to_accuracy",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> (V,)
-
-
-@contextmanager
-def preserved_state(model: nn.Module, params: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Run extra passes through ``model`` and leave it exactly as it was.
-
-    Restores the values of ``params``, every buffer (BN running statistics and counters)
-    and the noise generators of noisy BN layers, bit for bit.
-    """
-    values = [p.detach().clone() for p in params]
-    # One walk over the modules: every logged step comes here, and walking costs more
-    # than copying the few small buffers.
-    buffers = list(model.buffers())
-    saved = [b.clone() for b in buffers]
-    noise = noise_states(model)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, v in zip(params, values, strict=True):
-                p.copy_(v)
-            if buffers:
-                torch._foreach_copy_(buffers, saved)
-        if noise:  # a model with noisy BN layers
-            set_noise_states(model, noise)
 
 
 def shifted_gradient(
@@ -118,6 +94,44 @@ def measure_ics(
             cos = torch.nn.functional.cosine_similarity(G, G_shift, dim=1, eps=1e-30)
             out[model.layer_names[layer]] = (diff, cos)
     return out
+
+
+class IcsMeasure(Measure):
+    """ics_l2 and ics_cos per layer (2 and up) every ``config.ics_every`` steps, taken
+    right after the optimizer step from a copy of the parameters made before it."""
+
+    cadences = ("ics_every",)
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self._noise: list | None = None
+        self._before: list[torch.Tensor] | None = None
+
+    def _due(self, trainer: Trainer) -> bool:
+        return self.every > 0 and trainer.step % self.every == 0 and bool(trainer.running())
+
+    def before_forward(self, trainer: Trainer) -> None:
+        # The noise this step's forward pass will draw, so G' can replay it.
+        self._noise = noise_states(trainer.model) if self._due(trainer) else None
+
+    def before_update(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> None:
+        due = self._due(trainer)
+        self._before = [p.detach().clone() for p in trainer.optimizer.params] if due else None
+
+    def after_update(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self._before is None:
+            return
+        params = trainer.optimizer.params
+        measured = measure_ics(
+            trainer.model, trainer.loss_fn, x, y, params, self._before, self._noise
+        )
+        self._before = self._noise = None
+        rows = {v: [] for v in trainer.running()}
+        for layer, (l2, cos) in measured.items():
+            l2, cos = l2.tolist(), cos.tolist()
+            for v in rows:
+                rows[v] += [(layer, "ics_l2", l2[v]), (layer, "ics_cos", cos[v])]
+        trainer.record(rows)
 
 
 # --- the two claims side by side -----------------------------------------------------------

@@ -17,8 +17,8 @@ import torch
 from bn_core.batchnorm import BatchNorm, batch_norm_train
 from bn_core.config import RunConfig, load_preset
 from bn_core.data import Dataset, load_dataset
-from bn_core.experiments.ics import preserved_state
 from bn_core.history import History
+from bn_core.models import preserved_state
 from bn_core.train import Trainer
 
 __all__ = [
@@ -61,6 +61,11 @@ class Stages:
     def std_B(self) -> float:  # noqa: N802
         """sqrt(var_B + eps): the divisor actually used."""
         return math.sqrt(self.var_B + self.eps)
+
+    @property
+    def output_change(self) -> float:
+        """max_i |y_i - x_i|: 0 up to rounding exactly when the layer acts as the identity."""
+        return float(np.max(np.abs(self.y - self.x)))
 
 
 def _as_column(x: torch.Tensor | Sequence[float] | np.ndarray) -> torch.Tensor:
@@ -265,6 +270,12 @@ class MomentumConventions:
     batch_noise: float  # std over the last half of the batch means themselves
     m_torch: float
     m_keras: float
+
+    @property
+    def largest_gap(self) -> float:
+        """max over steps of |PyTorch's running mean - Keras'|: 0 to rounding when the two
+        conventions are given matching numbers."""
+        return float(np.max(np.abs(self.torch - self.keras)))
 
 
 def _last_half_std(seq: np.ndarray) -> float:

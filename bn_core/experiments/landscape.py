@@ -21,11 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from bn_core.batchnorm import set_noise_states
-from bn_core.experiments.ics import LossFn, preserved_state
+from bn_core.batchnorm import noise_states, set_noise_states
+from bn_core.experiments.ics import LossFn
+from bn_core.models import preserved_state
+from bn_core.train import Measure, Trainer
 
 __all__ = [
     "LANDSCAPE_METRICS",
+    "LandscapeMeasure",
     "LandscapeProbe",
     "eta_grid",
     "per_variant_sq_norm",
@@ -135,3 +138,49 @@ def probe_landscape(
         torch.stack(diffs, 1).numpy(),
         step_norm,
     )
+
+
+class LandscapeMeasure(Measure):
+    """The landscape along -g every ``config.landscape_every`` steps, before the update."""
+
+    cadences = ("landscape_every",)
+
+    def __init__(self, every: int, low: float, high: float, points: int) -> None:
+        self.every = every
+        self.etas = eta_grid(low, high, points)
+        self._noise: list | None = None
+
+    def _due(self, trainer: Trainer) -> bool:
+        return self.every > 0 and trainer.step % self.every == 0 and bool(trainer.running())
+
+    def before_forward(self, trainer: Trainer) -> None:
+        # The noise this step's forward pass will draw, so the probe can replay it.
+        self._noise = noise_states(trainer.model) if self._due(trainer) else None
+
+    def before_update(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> None:
+        if not self._due(trainer):
+            return
+        opt = trainer.optimizer
+        probe = probe_landscape(
+            trainer.model,
+            trainer.loss_fn,
+            x,
+            y,
+            opt.params,
+            opt.owner,
+            opt.lr_of,
+            self.etas,
+            self._noise,
+            variants=len(trainer.variant_names),
+        )
+        self._noise = None
+        summary = probe.summary()
+        trainer.record(
+            {
+                v: [
+                    ("", m, float(val))
+                    for m, val in zip(LANDSCAPE_METRICS, summary[v], strict=True)
+                ]
+                for v in trainer.running()
+            }
+        )

@@ -73,11 +73,6 @@ class SweepResult:
     steps_total: int
     usable: dict[str, tuple[float, float] | None]  # variant label -> (lowest, highest) lr
 
-    def usable_span(self, label: str) -> float | None:
-        """How many times the highest usable rate exceeds the lowest (None: none usable)."""
-        span = self.usable.get(label)
-        return None if span is None else span[1] / span[0]
-
 
 class LrSweep:
     """Trains every (learning rate, variant) pair of a sweep; advance it in time slices."""
