@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from bn_core.claims import check_claims, claims_json, load_claims
 from bn_core.config import ConfigError, RunConfig, list_presets, load_preset
 from bn_core.data import DatasetUnavailable
 
@@ -109,7 +110,14 @@ def _run(args: argparse.Namespace) -> int:
     trainer.history.save_histograms_npz(args.out / "histograms.npz")
     events = [e.__dict__ for e in trainer.history.events]
     (args.out / "events.json").write_text(json.dumps(events, indent=2) + "\n")
-    print(f"wrote {args.out}/config.json, metrics.csv, histograms.npz, events.json")
+    # The preset's sentences about the outcome, checked on this run (a config file
+    # carries no claims: an empty list).
+    claims = load_claims(args.preset) if args.preset is not None else []
+    results = check_claims(claims, trainer.history)
+    (args.out / "claims.json").write_text(claims_json(results))
+    print(f"wrote {args.out}/config.json, metrics.csv, histograms.npz, events.json, claims.json")
+    for result in results:
+        print(f"{result.mark} {result.sentence} [{result.measured_text()}]")
     return 0
 
 
@@ -146,7 +154,11 @@ def _export(args: argparse.Namespace) -> int:
             bar.set_postfix_str(label[-40:])
             bar.refresh()
 
-        paths = export.write_export(history, config, args.out, formats, progress=progress)
+        claims = load_claims(args.preset) if getattr(args, "preset", None) else []
+        results = check_claims(claims, history)
+        paths = export.write_export(
+            history, config, args.out, formats, progress=progress, claims=results
+        )
     print(f"wrote {len(paths)} files to {args.out}")
     return 0
 

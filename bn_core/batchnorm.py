@@ -10,8 +10,8 @@ and N for each variant of a lockstep (V, N, C) stack):
     x_hat_i = (x_i - mu) * inv_std
     y_i     = gamma * x_hat_i + beta
 
-The backward pass is derived by hand, not left to autograd, and keeps only x_hat and
-inv_std from the forward pass (plus gamma, a parameter), as torch's fused kernel does.
+The backward pass is derived by hand, not left to autograd, and needs only x_hat and
+inv_std from the forward pass (plus gamma, a parameter): x itself is not kept.
 Every BatchNorm in the lab, in every model, trains through ``BatchNormFunction``.
 """
 
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 __all__ = [
     "BatchNorm",
@@ -38,52 +37,70 @@ __all__ = [
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """(y, mu, var) = BN(x) with the batch statistics over ``dims``.
+    """y = BN(x) with the batch statistics over ``dims``.
 
-    gamma and beta come shaped to broadcast against x (size 1 on ``dims``), or both None.
-    mu and var keep the reduced dims (keepdim) and are not differentiable: they are
-    returned for the running statistics.
+    gamma and beta are the layer's parameters as they are stored (one value per
+    normalized feature), or both None; they are viewed like mu to broadcast against x.
+    ``running`` is None or (running_mean, running_var, f): the population statistics
+    that inference uses (section 3.1), moved towards this batch's in place.
     """
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, dims, eps, grad_through_stats):
-        m = math.prod(x.shape[d] for d in dims)
+    def forward(ctx, x, gamma, beta, dims, eps, grad_through_stats, running):
         mu = x.mean(dims, keepdim=True)
-        x_mu = x - mu
+        m = x.numel() // mu.numel()  # values averaged per feature
+        x_hat = x - mu  # x - mu for now; scaled in place below, so one buffer holds both
         # From centered values: E[x^2] - E[x]^2 cancels catastrophically in float32 when
-        # |mean| >> std, and can go negative. (torch.var_mean takes 13x longer on the CPU
-        # at 60 x 100.)
-        var = (x_mu * x_mu).mean(dims, keepdim=True)
+        # |mean| >> std, and can go negative.
+        var = (x_hat * x_hat).mean(dims, keepdim=True)
         inv_std = torch.rsqrt(var + eps)
-        x_hat = x_mu * inv_std
+        x_hat.mul_(inv_std)
         # Without gamma the output must not be the saved x_hat itself, or an in-place op
         # after the layer (ReLU(inplace=True)) would corrupt the backward pass.
-        y = x_hat.clone() if gamma is None else torch.addcmul(beta, gamma, x_hat)
+        if gamma is None:
+            y = x_hat.clone()
+        else:
+            y = torch.addcmul(beta.view_as(mu), gamma.view_as(mu), x_hat)
+        if running is not None:
+            # running = (1 - f) * running + f * batch, PyTorch's contract: the variance
+            # enters unbiased, var * m / (m - 1).
+            running_mean, running_var, f = running
+            running_mean.lerp_(mu.view_as(running_mean), f)
+            running_var.lerp_(var.view_as(running_var) * (m / (m - 1)), f)
         ctx.save_for_backward(x_hat, inv_std, gamma)
         ctx.dims, ctx.m, ctx.grad_through_stats = dims, m, grad_through_stats
-        ctx.mark_non_differentiable(mu, var)
-        return y, mu, var
+        return y
 
     @staticmethod
-    @once_differentiable  # a second derivative raises instead of coming out wrong
-    def backward(ctx, dy, _dmu, _dvar):
+    def backward(ctx, dy):
+        if torch.is_grad_enabled():
+            # create_graph=True: this backward would be differentiated again, and x_hat and
+            # inv_std were saved without their dependence on x, so the second derivative
+            # would come out wrong. Refuse it.
+            raise RuntimeError(
+                "BatchNormFunction has no second derivative: its backward is written by "
+                "hand and is differentiable once (create_graph=True is not supported)"
+            )
         x_hat, inv_std, gamma = ctx.saved_tensors
         dims, m = ctx.dims, ctx.m
         # dL/dbeta = sum_i dy_i ;  dL/dgamma = sum_i dy_i * x_hat_i
         sum_dy = dy.sum(dims, keepdim=True)
         sum_dy_x_hat = (dy * x_hat).sum(dims, keepdim=True)
-        scale = inv_std if gamma is None else gamma * inv_std
+        scale = inv_std if gamma is None else gamma.view_as(inv_std) * inv_std
         if ctx.grad_through_stats:
             # Through the statistics, as the chain rule over mu(x) and var(x) gives:
             #   dL/dx_i = gamma * inv_std * (dy_i - mean(dy) - x_hat_i * mean(dy * x_hat))
-            dx = scale * (dy - sum_dy / m - x_hat * (sum_dy_x_hat / m))
+            # built in one buffer: dy - x_hat * mean(dy x_hat), then - mean(dy), then * scale
+            dx = torch.addcmul(dy, x_hat, sum_dy_x_hat, value=-1.0 / m)
+            dx.sub_(sum_dy, alpha=1.0 / m).mul_(scale)
         else:
             # The naive gradient of section 2: mu and var held constant,
             #   dL/dx_i = gamma * inv_std * dy_i
             dx = scale * dy
         if gamma is None:
-            return dx, None, None, None, None, None
-        return dx, sum_dy_x_hat, sum_dy, None, None, None
+            return dx, None, None, None, None, None, None
+        dgamma, dbeta = sum_dy_x_hat.view_as(gamma), sum_dy.view_as(gamma)
+        return dx, dgamma, dbeta, None, None, None, None
 
 
 def _channel_dims(ndim: int) -> tuple[int, ...]:
@@ -100,13 +117,14 @@ def batch_norm_train(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalize x of shape (N, C, *) with its batch statistics; returns (y, mu_B, var_B),
     the statistics as (C,) vectors and var_B biased."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    if gamma is not None:
-        gamma, beta = gamma.view(shape), beta.view(shape)
-    y, mu, var = BatchNormFunction.apply(
-        x, gamma, beta, _channel_dims(x.dim()), eps, grad_through_stats
+    # Running statistics with f = 1 become the batch's own: mu_B and the unbiased var_B.
+    C, m = x.shape[1], x.numel() // x.shape[1]
+    mu = torch.zeros(C, dtype=x.dtype, device=x.device)
+    var = torch.zeros(C, dtype=x.dtype, device=x.device)
+    y = BatchNormFunction.apply(
+        x, gamma, beta, _channel_dims(x.dim()), eps, grad_through_stats, (mu, var, 1.0)
     )
-    return y, mu.view(-1), var.view(-1)
+    return y, mu, var * ((m - 1) / m)
 
 
 class BatchNorm(nn.Module):
@@ -203,8 +221,7 @@ class BatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return self._normalize(x, _channel_dims(x.dim()), shape)
+        return self._normalize(x, _channel_dims(x.dim()))
 
     def forward_variants(self, h: torch.Tensor) -> torch.Tensor:
         """Normalize a lockstep (V, N, C) stack, each variant over its own N examples.
@@ -217,23 +234,27 @@ class BatchNorm(nn.Module):
                 f"BatchNorm input has shape {tuple(h.shape)}: expected (V, N, C) with "
                 f"V * C = {self.num_features} features"
             )
-        return self._normalize(h, (1,), (h.shape[0], 1, h.shape[2]))
+        return self._normalize(h, (1,))
 
-    def _normalize(self, x: torch.Tensor, dims: tuple[int, ...], shape: tuple) -> torch.Tensor:
-        """x normalized over ``dims``, the parameters and statistics viewed as ``shape``."""
+    def _normalize(self, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        """x normalized over ``dims``: every other dim indexes a feature."""
         if x.element_size() < 4:
             # Half inputs are normalized in float32, as torch does it: the sums of a
             # channel's values and squares need float32's range.
-            return self._normalize(x.float(), dims, shape).to(x.dtype)
-        gamma = beta = None
-        if self.affine:
-            gamma, beta = self.weight.view(shape).to(x.dtype), self.bias.view(shape).to(x.dtype)
+            return self._normalize(x.float(), dims).to(x.dtype)
+        gamma, beta = self.weight, self.bias
+        if self.affine and gamma.dtype != x.dtype:  # e.g. a float64 input to a float32 layer
+            gamma, beta = gamma.to(x.dtype), beta.to(x.dtype)
         if not self.training and self.track_running_stats:
             # Inference: a fixed affine map from the population (running) statistics.
+            shape = [1 if d in dims else x.shape[d] for d in range(x.dim())]
             scale = (self.running_var.view(shape).to(x.dtype) + self.eps).rsqrt()
             shift = -self.running_mean.view(shape).to(x.dtype) * scale
             if self.affine:
-                scale, shift = scale * gamma, shift * gamma + beta
+                scale, shift = (
+                    scale * gamma.view(shape),
+                    shift * gamma.view(shape) + beta.view(shape),
+                )
             return torch.addcmul(shift, x, scale)
         m = math.prod(x.shape[d] for d in dims)
         if m < 2:
@@ -242,22 +263,15 @@ class BatchNorm(nn.Module):
                 "one value per channel, because the variance of a single value is 0 and "
                 "normalizing it divides by sqrt(eps). Use a batch of at least 2, or .eval()."
             )
-        y, mu, var = BatchNormFunction.apply(
-            x, gamma, beta, dims, self.eps, self.grad_through_stats
-        )
+        running = None
         if self.training and self.track_running_stats:
-            self._update_running_stats(mu.reshape(-1), var.reshape(-1), m)
-        return y
-
-    @torch.no_grad()
-    def _update_running_stats(self, mu: torch.Tensor, var: torch.Tensor, m: int) -> None:
-        """running = (1 - f) * running + f * batch, PyTorch's contract: f = momentum, or
-        1 / num_batches_tracked (a cumulative average) when momentum is None, and
-        running_var takes the unbiased batch variance var * m / (m - 1)."""
-        self.num_batches_tracked.add_(1)
-        f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        self.running_mean.lerp_(mu.to(self.running_mean.dtype), f)
-        self.running_var.lerp_((var * (m / (m - 1))).to(self.running_var.dtype), f)
+            self.num_batches_tracked.add_(1)
+            # f = momentum, or 1 / batches seen (a cumulative average) for momentum None
+            f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            running = (self.running_mean, self.running_var, f)
+        return BatchNormFunction.apply(
+            x, gamma, beta, dims, self.eps, self.grad_through_stats, running
+        )
 
     def extra_repr(self) -> str:
         return (

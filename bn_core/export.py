@@ -38,6 +38,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from bn_core import figures
+from bn_core.claims import ClaimResult, claims_json
 from bn_core.config import RunConfig
 from bn_core.history import History
 
@@ -527,6 +528,7 @@ def _readme(
     specs: Sequence[FigureSpec],
     files: dict[str, list[str]],
     skipped: str,
+    claims: Sequence[ClaimResult],
 ) -> str:
     variants = history.variants() or [v.name for v in config.variants]
     last = history.last_step() or 0
@@ -544,6 +546,11 @@ def _readme(
         lines.append(f"Live changes during the run (also in events.json): {changes}.")
     if skipped:
         lines += ["", f"PNG, SVG and PDF were skipped: {skipped}"]
+    if claims:
+        lines += ["", "What this run shows (checked, also in claims.json)", "-" * 50]
+        for result in claims:
+            lines.append(f"{result.mark} {result.sentence}")
+            lines.append(f"   measured: {result.measured_text() or '-'}; {result.claim.threshold}")
     lines += ["", "Figures", "-------"]
     for i, spec in enumerate(specs, 1):
         lines += [
@@ -560,6 +567,8 @@ def _readme(
         "value (layer empty for run-level metrics such as loss)",
         "config.json     the run's settings; RunConfig.from_json reads it back",
         "events.json     live changes (learning rate, momentum) with the step they took effect",
+        "claims.json     the preset's sentences about the outcome, each with its measured "
+        "values, threshold and whether it holds on this run",
         "histograms.npz  all histograms: {kind}/{variant}/{layer}/steps and .../counts, "
         "and {kind}/edges (numpy.load)",
         "figures/*.csv   the rows each figure draws; histograms as step, variant, layer, "
@@ -575,6 +584,7 @@ def _pack_files(
     config: RunConfig,
     formats: Iterable[str],
     progress: ProgressFn | None,
+    claims: Sequence[ClaimResult] = (),
 ) -> list[tuple[str, bytes]]:
     """The pack's files as (relative path, bytes): figures in chart order, README last.
 
@@ -588,7 +598,8 @@ def _pack_files(
     other = [f for f in formats if f not in STATIC_FORMATS]
 
     specs = figure_specs(history, config)
-    total = len(specs) * (len(static) + len(other)) + 5  # + metrics, config, events, npz, README
+    # + metrics, config, events, claims, npz, README
+    total = len(specs) * (len(static) + len(other)) + 6
     done = 0
 
     def tick(label: str) -> None:
@@ -639,6 +650,7 @@ def _pack_files(
     rest.append(("config.json", (config.to_json() + "\n").encode("utf-8")))
     events = [e.__dict__ for e in history.events]
     rest.append(("events.json", (json.dumps(events, indent=2) + "\n").encode("utf-8")))
+    rest.append(("claims.json", claims_json(list(claims)).encode("utf-8")))
     npz = io.BytesIO()
     history.save_histograms_npz(npz)
     rest.append(("histograms.npz", npz.getvalue()))
@@ -663,7 +675,8 @@ def _pack_files(
     }
     out = [(path, by_path[path]) for spec in specs for path in files[spec.key]]
     out += rest
-    out.append(("README.txt", _readme(history, config, specs, files, skipped).encode("utf-8")))
+    readme = _readme(history, config, specs, files, skipped, claims)
+    out.append(("README.txt", readme.encode("utf-8")))
     tick("README.txt")
     return out
 
@@ -698,18 +711,20 @@ def teaching_pack(
     *,
     formats: Iterable[str] = ALL_FORMATS,
     progress: ProgressFn | None = None,
+    claims: Sequence[ClaimResult] = (),
 ) -> bytes:
     """A zip with every chart of the Live training page in every format, and the run.
 
     Contents: ``figures/<key>.<ext>`` for each chart and format, ``metrics.csv``,
-    ``config.json``, ``events.json``, ``histograms.npz`` and ``README.txt`` (each
+    ``config.json``, ``events.json``, ``claims.json`` (the checked ``claims``),
+    ``histograms.npz`` and ``README.txt`` (each
     figure's title and caption, the config in one line). Without a browser PNG, SVG and
     PDF are left out and the README says why. ``progress(done, total, label)`` is
     called as files are made (first with ``done = 0``).
     """
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
-        for path, data in _pack_files(history, config, formats, progress):
+        for path, data in _pack_files(history, config, formats, progress, claims):
             if path.endswith(_STORED):
                 zf.writestr(path, data, compress_type=zipfile.ZIP_STORED)
             else:
@@ -723,10 +738,11 @@ def write_export(
     out_dir: str | os.PathLike[str],
     formats: Iterable[str] = ALL_FORMATS,
     progress: ProgressFn | None = None,
+    claims: Sequence[ClaimResult] = (),
 ) -> list[Path]:
     """Write the teaching pack's files into ``out_dir`` (created); returns their paths."""
     out = Path(out_dir)
-    files = _pack_files(history, config, formats, progress)
+    files = _pack_files(history, config, formats, progress, claims)
     written = []
     for rel, data in files:
         path = out / rel

@@ -147,16 +147,18 @@ CHARTS: dict[str, ChartInfo] = {
         ChartInfo(
             "percentile_bands",
             "Percentiles of the sigmoid input (Ioffe & Szegedy, Fig. 1)",
-            "The 15th, 50th and 85th percentiles of the inputs to the nonlinearity over "
-            "training. Without BN they drift in mean and spread (internal covariate shift); "
-            "with BN they stay put.",
+            "The 15th, 50th and 85th percentiles of the input to the nonlinearity over "
+            "training, on a fixed probe batch in training mode (BN uses that batch's "
+            "statistics). Compare how far the band's centre and width move with and without "
+            "BN; the checked claims beside the chart give this run's numbers.",
         ),
         ChartInfo(
             "update_ratio",
             "Update-to-weight ratio per layer",
-            "log10 of the size of one step's update relative to the weights. Around -3 "
-            "(dashed line) is a healthy rate; far above means the step is too large, far "
-            "below that the layer hardly moves.",
+            "log10 of the size of the step the optimizer actually took, relative to the "
+            "weights (for SGD with momentum and Adam too). Around -3 (dashed line) is the "
+            "usual rule of thumb; far above means the step is large, far below that the "
+            "layer hardly moves.",
         ),
         ChartInfo(
             "ics_l2",
@@ -1028,7 +1030,7 @@ def grad_norms(history: History, *, theme: str = "screen") -> go.Figure:
 
 
 def update_ratio(history: History, *, theme: str = "screen") -> go.Figure:
-    """log10(std(lr * grad) / std(W)) per layer over steps, with the -3 guide line."""
+    """log10(std(W_{t+1} - W_t) / std(W_t)) per layer over steps, with the -3 guide line."""
     _check_theme(theme)
     canvas, panels = _per_layer(
         history,
@@ -1042,7 +1044,7 @@ def update_ratio(history: History, *, theme: str = "screen") -> go.Figure:
     return canvas.figure(
         CHARTS["update_ratio"].title,
         theme,
-        subtitle="log10(std(lr · dL/dW) / std(W)) for each weight matrix",
+        subtitle="log10(std(W after − W before) / std(W)) for each weight matrix, one step",
     )
 
 
@@ -1053,12 +1055,12 @@ _BAND_POINTS = 300
 
 
 def percentile_bands(
-    history: History, *, layer: str, unit: bool = False, theme: str = "screen"
+    history: History, *, layer: str, unit: bool = True, theme: str = "screen"
 ) -> go.Figure:
     """Ioffe & Szegedy Fig. 1(b)/(c): 15/50/85th percentiles of the sigmoid input.
 
-    One panel per variant, shared y. ``unit=True`` follows the one probed unit, as the
-    paper does; otherwise the percentiles are over all units of the layer, with
+    One panel per variant, shared y. ``unit=True`` (the default) follows the one probed
+    unit, as the paper does; ``unit=False`` pools all units of the layer, with
     TensorBoard's nested bands (min-max, ±1.5, ±1, ±0.5 sigma) lightly shaded.
     """
     _check_theme(theme)
@@ -1106,9 +1108,10 @@ def percentile_bands(
         title = f"Input to one unit of {layer} over training (Ioffe & Szegedy, Fig. 1b/c)"
         subtitle = "lines: 15th, 50th (bold) and 85th percentiles over the probe batch"
     else:
-        title = f"Inputs to the nonlinearity in {layer} over training"
+        title = f"Inputs to the nonlinearity in {layer}, all units pooled"
         subtitle = (
-            "lines: 15th, 50th (bold), 85th percentiles over all units and probe examples; "
+            "pooled: lines are 15th, 50th (bold), 85th percentiles over all units and probe "
+            "examples, so they mix units with different means; "
             "light bands: min-max and ±1.5, ±1, ±0.5 σ (TensorBoard)"
         )
     return canvas.figure(title, theme, subtitle=subtitle)

@@ -14,8 +14,9 @@ records at a fixed cadence from step 0 they are evenly spread over the whole run
 included, and identical across variants and layers. Histograms have their own stride,
 bounded by ``max_histograms``.
 
-A lock guards every read and write: the app may run the trainer in a background thread
-while the UI thread reads series, and thinning compacts arrays in place.
+A lock guards every read and write: an export or a second browser tab may read a run's
+series from another Streamlit script thread while its tick records, and thinning compacts
+arrays in place.
 """
 
 from __future__ import annotations

@@ -85,6 +85,7 @@ class Telemetry:
         self.x_test, self.y_test = x_test, y_test
         self.measure_layers = measure_layers
         self.bn_layers = bn_layers(model)
+        self._weights_before: list[torch.Tensor] | None = None  # a logged step's weights
         h, bins = config.hist_range, config.hist_bins
         lo, hi = postact_range(config.activation, h)
         history.set_bin_edges("preact", torch.linspace(-h, h, bins + 1).numpy())
@@ -117,43 +118,69 @@ class Telemetry:
         step: int,
         running: list[int],
         loss: list[float],
-        lrs: list[float],
         records: list[LayerRecord],
     ) -> None:
-        """The training loss over the window, this step's gradient measures, and the probe."""
+        """The training loss over the window, this step's gradient measures, and the probe.
+
+        The weights are kept as they are now, so ``after_update`` can measure the step the
+        optimizer actually takes."""
         rows: Rows = {v: [("", "loss", loss[v])] for v in running}
         if self.measure_layers and running:
-            self._gradient_measures(running, lrs, records, rows)
+            self._gradient_measures(running, records, rows)
             self._probe(step, running, rows)
+            self._weights_before = [s.weight.detach().clone() for s in self.model.layer_stacks()]
+        self.write(step, rows)
+
+    @torch.no_grad()
+    def after_update(self, step: int, running: list[int]) -> None:
+        """The update:data ratio of a logged step, from the change the optimizer applied:
+
+            update_ratio = log10( std(W_{t+1} - W_t) / std(W_t) )   per weight matrix
+
+        Karpathy's std(lr * grad) / std(W) is that step only for plain SGD; under momentum
+        or Adam the step is not lr * grad, so the ratio is read off the weights themselves.
+        """
+        before, self._weights_before = self._weights_before, None
+        if before is None or not running:
+            return
+        after = [s.weight for s in self.model.layer_stacks()]
+        ratios = torch.stack(
+            [
+                torch.log10(row_std((a - b).flatten(1)) / row_std(b.flatten(1))).float()
+                for a, b in zip(after, before, strict=True)
+            ]
+        ).cpu()  # (layers, variants)
+        rows: Rows = {v: [] for v in running}
+        for li, name in enumerate(self.model.layer_names):
+            for v in running:
+                ratio = float(ratios[li, v])
+                if math.isfinite(ratio):  # a layer that did not move has no log ratio
+                    rows[v].append((name, "update_ratio", ratio))
         self.write(step, rows)
 
     @torch.no_grad()
     def _gradient_measures(
-        self, running: list[int], lrs: list[float], records: list[LayerRecord], rows: Rows
+        self, running: list[int], records: list[LayerRecord], rows: Rows
     ) -> None:
-        lr = torch.tensor(lrs, device=self.x_probe.device)
         per_layer = []
         for stack, rec in zip(self.model.layer_stacks(), records, strict=True):
             W, G = stack.weight.flatten(1), stack.weight_grad.flatten(1)
             out_grad = rec.output.grad
             columns = [
                 G.norm(dim=1),
-                # log10(std(lr * grad) / std(W)), the update:data ratio
-                torch.log10(lr * row_std(G) / row_std(W)),
                 stack.bias.norm(dim=1),
                 stack.bias_grad.norm(dim=1),
-                torch.full_like(lr, math.nan)
+                torch.full((W.shape[0],), math.nan, device=W.device)
                 if out_grad is None
                 else out_grad.reshape(out_grad.shape[0], -1).norm(dim=1),
             ]
             per_layer.append(torch.stack([c.float() for c in columns], dim=1))
-        table = torch.stack(per_layer).cpu().numpy()  # (layers, variants, 5)
+        table = torch.stack(per_layer).cpu().numpy()  # (layers, variants, 4)
         for li, name in enumerate(self.model.layer_names):
             for v in running:
-                grad_norm, ratio, bias_norm, bias_grad_norm, out_grad_norm = table[li, v]
+                grad_norm, bias_norm, bias_grad_norm, out_grad_norm = table[li, v]
                 rows[v] += [
                     (name, "grad_norm", float(grad_norm)),
-                    (name, "update_ratio", float(ratio)),
                     (name, "bias_norm", float(bias_norm)),
                     # Zero (to rounding) when BN follows: the bias is redundant before BN.
                     (name, "bias_grad_norm", float(bias_grad_norm)),

@@ -326,11 +326,12 @@ class Trainer:
         if logging:
             window = [total / self._loss_count for total in self._loss_sum]
             self._loss_sum, self._loss_count = [0.0] * len(window), 0
-            lrs = self.optimizer.lrs
-            self.telemetry.logged_step(self.step, self.running(), window, lrs, records)
+            self.telemetry.logged_step(self.step, self.running(), window, records)
         for m in self.measures:
             m.before_update(self, x, y)
         self.optimizer.step()
+        if logging:
+            self.telemetry.after_update(self.step, self.running())
         for m in self.measures:
             m.after_update(self, x, y)
         self.step += 1

@@ -253,13 +253,12 @@ elif section == "Train vs eval":
 elif section == "Momentum conventions":
     st.subheader("Two names for one momentum")
     st.markdown("PyTorch and Keras/TensorFlow write the same update with opposite meanings of *m*:")
-    st.latex(r"\text{PyTorch: } \hat\mu \leftarrow (1-m)\,\hat\mu + m\,\mu_B,\quad m = 0.1")
-    st.latex(r"\text{Keras: } \hat\mu \leftarrow m_K\,\hat\mu + (1-m_K)\,\mu_B,\quad m_K = 0.99")
+    st.latex(r"\text{PyTorch: } \hat\mu \leftarrow (1-m)\,\hat\mu + m\,\mu_B")
+    st.latex(r"\text{Keras: } \hat\mu \leftarrow m_K\,\hat\mu + (1-m_K)\,\mu_B")
     st.latex(r"\text{the same rule exactly when } m_K = 1 - m")
     st.markdown(
-        "A widely copied mistake puts the Keras-style 0.9 into PyTorch's formula. Then each "
-        "new batch gets weight 0.9: $\\hat\\mu \\leftarrow 0.1\\,\\hat\\mu + 0.9\\,\\mu_B$, "
-        "which remembers little more than the last batch."
+        "Their defaults are *not* a matching pair: PyTorch uses $m = 0.1$, Keras "
+        "$m_K = 0.99$, which is PyTorch's $m = 0.01$, a ten times longer memory."
     )
     m_torch = st.select_slider(
         "PyTorch momentum m",
@@ -267,6 +266,14 @@ elif section == "Momentum conventions":
         0.1,
         key="ib_m_torch",
         persist_state="session",
+    )
+    m_keras = 1.0 - m_torch
+    st.markdown(
+        f"Below, PyTorch's $m = {m_torch:g}$ next to the Keras rule with the *matching* "
+        f"$m_K = {m_keras:g}$ (the two lines coincide), and the widely copied mistake: that "
+        f"Keras number put into PyTorch's formula, so each new batch gets weight {m_keras:g}, "
+        f"$\\hat\\mu \\leftarrow {m_torch:g}\\,\\hat\\mu + {m_keras:g}\\,\\mu_B$, which "
+        "remembers little more than the last few batches."
     )
     means = gap_run(200, 32).batch_means
     conventions = momentum_conventions(means, m_torch=m_torch)

@@ -8,6 +8,7 @@ from bn_core.data import DATASETS
 from bn_core.train import Trainer
 from ui import load, session
 from ui.charts import show_chart
+from ui.claims_panel import show_claims
 from ui.export_panel import export_panel
 
 # The browser asks for a tick every TICK_SECONDS (a request that comes while a tick runs
@@ -18,8 +19,8 @@ from ui.export_panel import export_panel
 # Reset waited behind them. So a lone session's tick trains only what its interval leaves
 # after the last tick's drawing and 0.06 s kept free for clicks, and at least 0.02 s
 # (ui/load.py). Measured with server and browser on one 2-core machine
-# (tests/test_browser.py): 5.0 redraws a second per chart when quiet, 3.8-5.0 with a
-# million-step run or two busy loops on the same cores.
+# (tests/test_browser.py): 5.0 redraws a second per chart when quiet, 4.2 with a
+# 100,000-step run busy on the same cores.
 TICK_SECONDS = 0.2
 TRAIN_SECONDS = 0.08  # the most a tick trains (alone on the server)
 
@@ -241,13 +242,14 @@ def draw_panel(trainer: Trainer) -> None:
         layer = c1.selectbox(
             "Layer", layers, index=len(layers) - 1, key="w_fig1_layer", persist_state="session"
         )
-        unit = c2.toggle(
-            f"One unit (#{trainer.config.probe_unit})",
-            key="w_fig1_unit",
+        pooled = c2.toggle(
+            "All units, pooled",
+            key="w_fig1_pooled",
             persist_state="session",
-            help="As in the paper: follow one sigmoid's input instead of the whole layer",
+            help=f"The paper follows one sigmoid (here unit #{trainer.config.probe_unit}); "
+            "this pools every unit of the layer, whose different means widen the band",
         )
-        fig = figures.percentile_bands(history, layer=layer, unit=unit)
+        fig = figures.percentile_bands(history, layer=layer, unit=not pooled)
         show_chart(fig, "percentile_bands", trainer)
     elif view == "Distributions":
         show_chart(figures.preact_heatmaps(history), "preact_heatmaps", trainer)
@@ -279,6 +281,7 @@ def draw_panel(trainer: Trainer) -> None:
         show_chart(figures.grad_norms(history), "grad_norms", trainer)
     elif view == "Update:data ratio":
         show_chart(figures.update_ratio(history), "update_ratio", trainer)
+    show_claims(ss.run_claims, history, title="What this run shows (the preset's claims, checked)")
 
 
 # In a container of its own: the panel's element count changes between its reruns, and

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -73,13 +74,28 @@ def artifacts_dir() -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_torch_thread():
     """One torch thread, as the app uses per server: the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread_for_module():
+    """The same, for module-scoped fixtures that train."""
+    with _torch_threads(1):
+        yield
 
 
 # --- the real app, for the browser tests -----------------------------------------------------

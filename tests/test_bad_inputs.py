@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from streamlit.testing.v1 import AppTest
 
 from bn_core.__main__ import main
@@ -95,13 +94,7 @@ def _bad_values(spec: FieldSpec) -> list[tuple[str, Any]]:
         out += [("number", 1), ("text", "true")]
     elif spec.kind is str:
         assert spec.choices, "a string field without choices would accept any text"
-        out += [
-            ("unicode-choice", UNICODE),
-            ("upper-choice", spec.choices[0].upper()),
-            ("empty", ""),
-            ("number", 1),
-            ("bool", True),
-        ]
+        out += [("not-a-choice", spec.choices[0].upper()), ("number", 1), ("bool", True)]
     else:
         number = spec.kind
         if spec.low is not None:
@@ -119,9 +112,8 @@ def _bad_values(spec: FieldSpec) -> list[tuple[str, Any]]:
             ("text", "abc"),
             ("numeric-text", "1"),
             ("bool", True),
-            ("nan", math.nan),
-            ("inf", math.inf),
-            ("-inf", -math.inf),
+            # Every comparison is False for NaN, so a range check alone lets it through.
+            ("non-finite", math.nan),
         ]
     if not spec.nullable:
         out.append(("null", None))
@@ -168,11 +160,8 @@ FIELD_CASES = [
 
 UNKNOWN_KEYS = {
     "typo": "widht",
-    "unicode": UNICODE,
-    "capitalised": "Depth",
-    "empty": "",
+    # A key that would not read as one line is shown as its repr.
     "newline": "a\nb",
-    "long": "x" * 200,
 }
 UNKNOWN_CASES = [
     Case(
@@ -350,7 +339,7 @@ def test_every_field_has_cases_and_ids_are_unique():
         categories = {c.category for c in FIELD_CASES if c.field == name}
         assert {"list"} <= categories, name
         if spec.kind in (int, float):
-            assert {"below-low", "above-high", "text", "nan", "inf"} <= categories, name
+            assert {"below-low", "above-high", "text", "non-finite"} <= categories, name
             if spec.low_open:
                 assert "at-open-low" in categories, name
         if not spec.nullable:
@@ -579,7 +568,7 @@ def test_every_link_case_has_a_reason_when_it_has_no_link():
 
 
 # --- door 5: uploads in the real page -----------------------------------------------------
-APP_CATEGORIES = {"below-low", "at-open-low", "above-high", "text", "nan", "null", "number"}
+APP_CATEGORIES = {"below-low", "at-open-low", "above-high", "text", "non-finite", "null", "number"}
 
 
 def _app_sample() -> list[Case]:
@@ -654,13 +643,10 @@ class LivePage:
 
 
 @pytest.fixture(scope="module")
-def live_page(app_path):
+def live_page(app_path, one_torch_thread_for_module):
     """Shared by the upload tests: a bad upload must leave it as it was, so each test
     starts where the last one left it (and one page start, seconds, serves them all)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield LivePage(app_path)
-    torch.set_num_threads(threads)
+    return LivePage(app_path)
 
 
 @pytest.mark.parametrize("case", APP_CASES, ids=[c.id for c in APP_CASES])

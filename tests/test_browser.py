@@ -284,8 +284,6 @@ def test_play_live_lr_change_pause(server, browser, page, artifacts_dir):
     (artifacts_dir / "browser_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print("\nbrowser metrics:", json.dumps(metrics, indent=2))
 
-    # Very loose sanity bounds (timings are printed, not judged).
-    assert 0 < metrics["play_to_first_chart_s"] < 60
     assert metrics["max_ws_frame_bytes"] < MAX_FRAME_BYTES
     assert pause_clicks == [1, 1], (
         "a Pause click was lost and the run kept playing (the click was handled twice); "

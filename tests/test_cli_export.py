@@ -30,7 +30,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = list(export.SPEC_TITLES)
-DATA_FILES = {"metrics.csv", "config.json", "events.json", "histograms.npz", "README.txt"}
+DATA_FILES = {
+    "metrics.csv",
+    "config.json",
+    "events.json",
+    "claims.json",
+    "histograms.npz",
+    "README.txt",
+}
 STATIC_OK = export.static_export_available()[0]
 
 

@@ -95,13 +95,9 @@ def test_blowup_frame_is_tidy():
 
 # --- section 2 in a network ------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def net(digits):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def net(digits, one_torch_thread_for_module):
     cfg = load_preset("bias-blowup").replace(width=32, device="cpu", probe_size=50)
-    result = network_blowup(cfg, steps=150, dataset=digits)
-    torch.set_num_threads(threads)
-    return result
+    return network_blowup(cfg, steps=150, dataset=digits)
 
 
 def test_network_aware_bias_gets_no_gradient(net):

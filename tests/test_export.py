@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import plotly
 import pytest
-import torch
 
 from bn_core import export
 from bn_core.config import RunConfig, load_preset
@@ -40,27 +39,29 @@ KEYS = [
     "percentile_bands_unit",
     "update_ratio",
 ]
-DATA_FILES = {"metrics.csv", "config.json", "events.json", "histograms.npz", "README.txt"}
+DATA_FILES = {
+    "metrics.csv",
+    "config.json",
+    "events.json",
+    "claims.json",
+    "histograms.npz",
+    "README.txt",
+}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTLY_JS = (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_text("utf-8")
 
 
 @pytest.fixture(scope="module")
-def run() -> tuple[History, RunConfig]:
+def run(one_torch_thread_for_module) -> tuple[History, RunConfig]:
     """The paper's Fig. 1 set-up for 100 steps on one thread, the learning rate raised
     half way (a live change the pack must record)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        config = load_preset("ioffe-fig1").replace(
-            steps=STEPS, telemetry_every=5, eval_every=25, device="cpu"
-        )
-        trainer = Trainer(config)
-        trainer.advance(steps=LR_CHANGE_STEP)
-        trainer.set_live(lr=1.0)
-        trainer.advance(steps=STEPS - LR_CHANGE_STEP)
-    finally:
-        torch.set_num_threads(threads)
+    config = load_preset("ioffe-fig1").replace(
+        steps=STEPS, telemetry_every=5, eval_every=25, device="cpu"
+    )
+    trainer = Trainer(config)
+    trainer.advance(steps=LR_CHANGE_STEP)
+    trainer.set_live(lr=1.0)
+    trainer.advance(steps=STEPS - LR_CHANGE_STEP)
     return trainer.history, config
 
 

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import plotly.graph_objects as go
 import pytest
-import torch
 
 from bn_core import figures
 from bn_core.config import load_preset
@@ -20,21 +19,16 @@ LR_CHANGE_STEP = 100
 
 
 @pytest.fixture(scope="module")
-def trainer() -> Trainer:
+def trainer(one_torch_thread_for_module) -> Trainer:
     """The paper's Fig. 1 set-up for 200 steps, with a learning-rate change half way
     and Santurkar et al.'s measurements on."""
     config = load_preset("ioffe-fig1").replace(
         steps=200, telemetry_every=10, eval_every=50, ics_every=10, landscape_every=50
     )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a module-scoped fixture, so not the function-scoped one
-    try:
-        tr = make_trainer(config)
-        tr.advance(steps=LR_CHANGE_STEP)
-        tr.set_live(lr=1.0)
-        tr.advance(steps=200 - LR_CHANGE_STEP)
-    finally:
-        torch.set_num_threads(threads)
+    tr = make_trainer(config)
+    tr.advance(steps=LR_CHANGE_STEP)
+    tr.set_live(lr=1.0)
+    tr.advance(steps=200 - LR_CHANGE_STEP)
     return tr
 
 

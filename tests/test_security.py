@@ -65,6 +65,3 @@ def test_export_file_names_keep_only_safe_characters(hostile):
         assert "/" not in name and "\\" not in name and "\x00" not in name and ":" not in name
         assert all(c.isascii() and (c.isalnum() or c in "_.-") for c in name), name
         assert not name.startswith(".")
-
-
-# --- the real server ---------------------------------------------------------------------------

@@ -242,8 +242,9 @@ def test_grad_norm_update_ratio_and_bias_norm_are_direct(digits):
             g, W = lin.weight.grad, lin.weight.detach()
             got = value_at(t, variant, name, "grad_norm", 10)
             assert abs(got - g.norm().item()) <= 1e-4 * g.norm().item() + 1e-7
+            # Plain SGD: the applied step is lr * grad.
             ratio = math.log10((lr * g).std().item() / W.std().item())
-            assert abs(value_at(t, variant, name, "update_ratio", 10) - ratio) < 1e-4
+            assert abs(value_at(t, variant, name, "update_ratio", 10) - ratio) < 1e-3
             assert abs(value_at(t, variant, name, "out_grad_norm", 10) - h.grad.norm().item()) < (
                 1e-4 * h.grad.norm().item() + 1e-7
             )
@@ -253,6 +254,31 @@ def test_grad_norm_update_ratio_and_bias_norm_are_direct(digits):
             assert value_at(t, variant, "layer1", "bias_norm", 10) == 0.0
         else:
             assert value_at(t, variant, "layer1", "bias_norm", 10) > 0.0
+
+
+@pytest.mark.parametrize(
+    "optimizer, momentum",
+    [("sgd", 0.0), ("sgd", 0.9), ("adam", 0.0)],
+    ids=["sgd", "momentum", "adam"],
+)
+def test_update_ratio_is_the_step_actually_taken(digits, optimizer, momentum):
+    lr = 0.01 if optimizer == "adam" else 0.5
+    t = Trainer(small(optimizer=optimizer, momentum=momentum, lr=lr, telemetry_every=10), digits)
+    t.advance(steps=20)  # momentum buffers and Adam's moments are warm
+    before = [s.weight.detach().clone().double() for s in t.model.layer_stacks()]
+    t.advance(steps=1)  # step 20 is logged
+    after = [s.weight.detach().double() for s in t.model.layer_stacks()]
+    for li, name in enumerate(t.model.layer_names):
+        for v, variant in enumerate(t.variant_names):
+            W0, W1 = before[li][v], after[li][v]
+            want = math.log10((W1 - W0).std().item() / W0.std().item())
+            assert abs(value_at(t, variant, name, "update_ratio", 20) - want) < 1e-3
+            if optimizer == "adam":
+                # Adam's step is about lr per element whatever the gradient's size, so
+                # Karpathy's lr * grad form misses it by decades.
+                g = t.model.layer_stacks()[li].weight_grad[v].double()
+                naive = math.log10((lr * g).std().item() / W0.std().item())
+                assert want - naive > 0.5, (want, naive)
 
 
 def test_loss_is_the_mean_over_the_telemetry_window(digits):

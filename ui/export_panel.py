@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from bn_core import export
+from bn_core.claims import check_claims
 from bn_core.train import Trainer
 
 _MIME = {
@@ -32,7 +33,8 @@ def _prepare_pack(trainer: Trainer) -> None:
     def progress(done: int, total: int, label: str) -> None:
         bar.progress(done / max(total, 1), text=f"Teaching pack: {label} ({done}/{total})")
 
-    data = export.teaching_pack(trainer.history, trainer.config, progress=progress)
+    claims = check_claims(st.session_state.get("run_claims", []), trainer.history)
+    data = export.teaching_pack(trainer.history, trainer.config, progress=progress, claims=claims)
     bar.empty()
     name = export.figure_filename(export.PAGE, "teaching-pack", trainer.variant_names, trainer.step)
     st.session_state.export_pack = (name, data)

@@ -27,6 +27,7 @@ import torch
 
 from bn_core.config import RunConfig, load_preset
 from bn_core.data import Dataset
+from bn_core.experiments import make_trainer
 from bn_core.train import Trainer
 
 __all__ = [
@@ -66,6 +67,15 @@ class BlowupResult:
     b0: float
     eps: float
     offset: float  # c, the mean of the target
+
+    @property
+    def loss_change_naive(self) -> np.ndarray:
+        """L_k - L_0 of the naive run: rounding only, since x_hat never changes."""
+        return self.loss_naive - self.loss_naive[0]
+
+    @property
+    def loss_change_aware(self) -> np.ndarray:
+        return self.loss_aware - self.loss_aware[0]
 
     @property
     def x_hat_unchanged(self) -> bool:
@@ -213,7 +223,8 @@ def blowup_summary(result: BlowupResult) -> BlowupSummary:
     k = int(result.steps[-1])
     measured = (result.bias_naive[-1] - result.bias_naive[0]) / k if k else math.nan
     loss_change = max(
-        float(np.max(np.abs(loss - loss[0]))) for loss in (result.loss_naive, result.loss_aware)
+        float(np.max(np.abs(change)))
+        for change in (result.loss_change_naive, result.loss_change_aware)
     )
     return BlowupSummary(
         measured_slope=float(measured),
@@ -228,13 +239,12 @@ def blowup_summary(result: BlowupResult) -> BlowupSummary:
 
 @dataclass
 class NetworkBlowup:
-    """A finished bias-blowup Trainer plus per-step bias measurements it does not log.
+    """A finished bias-blowup Trainer and its bias measurements at every step.
 
-    ``bias_norm`` and ``bias_grad_norm`` are (variants, layers, steps) arrays read from the
-    model after every step; ``steps[i]`` is the step whose gradient (and whose bias, before
-    that step's update) is stored at index i, the Trainer's convention. The gradient norm is
-    also written into ``trainer.history`` as metric ``bias_grad_norm`` at the Trainer's
-    telemetry steps, unless the Trainer already records it itself.
+    ``bias_norm`` and ``bias_grad_norm`` are (variants, layers, steps) arrays of the
+    Trainer's own telemetry, logged at every step: ``steps[i]`` is the step whose gradient
+    (and whose bias, before that step's update) is stored at index i. A variant that
+    diverged has NaN after its last step.
     """
 
     trainer: Trainer
@@ -258,6 +268,7 @@ class NetworkBlowup:
         out = {}
         for variant in self.variants:
             values = self.series(variant, "bias_grad_norm")
+            values = values[np.isfinite(values)]
             out[variant] = (
                 (float(values.min()), float(values.max())) if values.size else (math.nan, math.nan)
             )
@@ -267,44 +278,30 @@ class NetworkBlowup:
 def network_blowup(
     config: RunConfig | None = None, steps: int = 300, dataset: Dataset | None = None
 ) -> NetworkBlowup:
-    """Train the ``bias-blowup`` preset (or ``config``) for ``steps`` steps and measure biases."""
-    config = (config or load_preset("bias-blowup")).replace(steps=steps)
+    """Train the ``bias-blowup`` preset (or ``config``) for ``steps`` steps, logging every step."""
+    config = (config or load_preset("bias-blowup")).replace(steps=steps, telemetry_every=1)
     if config.model != "mlp":
         raise ValueError(f"model = {config.model!r}: the bias blow-up runs on the MLP")
     if config.placement == "before" and not config.keep_bias:
         # Without keep_bias the biases in front of BN are masked to 0: nothing can drift.
         raise ValueError("keep_bias = False: the biases in front of BN are dropped")
-    trainer = Trainer(config, dataset)
-    model = trainer.model
-    names = trainer.variant_names
-    layers = list(model.layer_names)
-    norms = np.zeros((len(names), len(layers), steps))
-    grad_norms = np.zeros_like(norms)
-    logs_itself = None
-    for i in range(steps):
-        # The bias before step i's update, the one its gradient was taken at.
-        with torch.no_grad():
-            before = [[b.norm().item() for b in model.bias_vectors(v)] for v in range(len(names))]
-        step = trainer.step
-        if trainer.advance(steps=1) == 0:  # every variant diverged
-            norms, grad_norms = norms[:, :, :i], grad_norms[:, :, :i]
-            break
-        if logs_itself is None:
-            logs_itself = "bias_grad_norm" in trainer.history.metrics()
-        log_now = not logs_itself and step % config.telemetry_every == 0
+    trainer = make_trainer(config, dataset)
+    trainer.advance(steps=steps)
+    names, layers = trainer.variant_names, list(trainer.model.layer_names)
+    done = trainer.step
+    measured = {}
+    for metric in ("bias_norm", "bias_grad_norm"):
+        table = np.full((len(names), len(layers), done), np.nan)
         for v, variant in enumerate(names):
-            norms[v, :, i] = before[v]
-            for li, g in enumerate(model.bias_grads(v)):
-                # grad is None only for a variant without a gradient on that bias.
-                value = 0.0 if g is None else g.norm().item()
-                grad_norms[v, li, i] = value
-                if log_now and trainer.status[v].state != "diverged":
-                    trainer.history.add(step, variant, layers[li], "bias_grad_norm", value)
+            for li, layer in enumerate(layers):
+                logged, values = trainer.history.series(variant, layer, metric)
+                table[v, li, logged] = values
+        measured[metric] = table
     return NetworkBlowup(
         trainer=trainer,
-        steps=np.arange(norms.shape[2]),
+        steps=np.arange(done),
         variants=names,
         layers=layers,
-        bias_norm=norms,
-        bias_grad_norm=grad_norms,
+        bias_norm=measured["bias_norm"],
+        bias_grad_norm=measured["bias_grad_norm"],
     )

@@ -315,16 +315,18 @@ def blowup_loss(result: BlowupResult, *, theme: str = "screen") -> go.Figure:
     loss_panel, change_panel = canvas.panel(1, 1), canvas.panel(2, 1)
     steps = result.steps
     runs = (
-        ("naive (μ_B held constant)", result.loss_naive, NAIVE_COLOR, 5.0, None),
-        ("aware (through μ_B)", result.loss_aware, AWARE_COLOR, 2.0, "dash"),
+        ("naive (μ_B held constant)", result.loss_naive, result.loss_change_naive, NAIVE_COLOR),
+        ("aware (through μ_B)", result.loss_aware, result.loss_change_aware, AWARE_COLOR),
     )
-    for name, loss, color, width, dash in runs:
+    for (name, loss, loss_change, color), width, dash in zip(
+        runs, (5.0, 2.0), (None, "dash"), strict=True
+    ):
         canvas.add(loss_panel, _trace(steps, loss, name, color, width=width, dash=dash))
         canvas.add(
             change_panel,
             _trace(
                 steps,
-                loss - loss[0],
+                loss_change,
                 name,
                 color,
                 width=width / 2 + 0.5,

@@ -17,6 +17,7 @@ import torch
 from bn_core.batchnorm import BatchNorm, batch_norm_train
 from bn_core.config import RunConfig, load_preset
 from bn_core.data import Dataset, load_dataset
+from bn_core.experiments import make_trainer
 from bn_core.history import History
 from bn_core.models import preserved_state
 from bn_core.train import Trainer
@@ -456,7 +457,7 @@ def placement_runs(
         )
     out = {}
     for placement in ("before", "after"):
-        trainer = Trainer(base.replace(placement=placement, steps=steps), dataset)
+        trainer = make_trainer(base.replace(placement=placement, steps=steps), dataset)
         trainer.advance(steps=steps)
         out[placement] = trainer.history
     return out
