@@ -17,9 +17,9 @@ __all__ = [
     "FIG1_PERCENTILES",
     "postact_range",
     "quantiles_of_sorted",
-    "preact_edges",
+    "row_histogram",
+    "row_percentiles",
     "row_std",
-    "saturation_cut",
     "saturation_fraction",
     "sort_rows",
 ]
@@ -65,6 +65,75 @@ def quantiles_of_sorted(sorted_rows: torch.Tensor, percentiles: tuple[float, ...
     return torch.lerp(a, sorted_rows[..., hi], frac)
 
 
+# Up to this many values a row's percentiles are exact, from sorting it; above, they are
+# read off a histogram of PERCENTILE_BINS bins between the row's min and max. A logged step
+# of the default run sorts 300 values per unit and bins 30,000 per layer: sorting those
+# took 3.5 of the 7 ms the probe cost.
+EXACT_PERCENTILE_VALUES = 4096
+PERCENTILE_BINS = 4096
+
+
+def row_percentiles(rows: torch.Tensor, percentiles: tuple[float, ...]) -> torch.Tensor:
+    """(rows, len(percentiles)): the percentiles of each row of a (rows, n) tensor.
+
+    numpy.percentile's rule: the value at fractional rank p / 100 * (n - 1), linear between
+    the two closest ranks. Exact for n <= EXACT_PERCENTILE_VALUES. For longer rows each
+    rank's value is placed inside the histogram bin that holds it, at its position among
+    the bin's values as if they were spread evenly, so the result is within one bin
+    width, (max - min) / PERCENTILE_BINS, of the exact percentile; 0 and 100 stay exact.
+    """
+    R, n = rows.shape
+    if n <= EXACT_PERCENTILE_VALUES:
+        return quantiles_of_sorted(sort_rows(rows), percentiles)
+    bins = PERCENTILE_BINS
+    low, high = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)
+    width = (high - low).clamp_min(torch.finfo(rows.dtype).tiny) / bins
+    counts = _bin_counts((rows - low) / width, bins)
+    upto = counts.cumsum(1)  # values in bins 0..b
+    lo, hi, frac = _ranks(n, tuple(percentiles), rows.dtype, rows.device)
+    # The value of 0-based rank k lies in the first bin b holding more than k values up to
+    # and including it; among that bin's values it is number k - (values before b).
+    k = torch.cat([lo, hi]).expand(R, -1).contiguous()
+    b = torch.searchsorted(upto, k, right=True).clamp_(max=bins - 1)
+    in_bin = counts.gather(1, b)
+    position = (k - (upto.gather(1, b) - in_bin)).to(rows.dtype).add_(0.5) / in_bin.clamp_min(1)
+    value = low + width * (b + position)
+    estimate = torch.lerp(value[:, : len(lo)], value[:, len(lo) :], frac)
+    # Nothing lies outside the row's extremes, and those are known exactly.
+    estimate = torch.minimum(torch.maximum(estimate, low), high)
+    for i, p in enumerate(percentiles):
+        if p in (0, 100):
+            estimate[:, i] = (low if p == 0 else high)[:, 0]
+    return estimate
+
+
+def _bin_counts(scaled: torch.Tensor, bins: int) -> torch.Tensor:
+    """(rows, bins) counts of a (rows, n) tensor of positions in bin widths: the value at
+    position p is counted in bin floor(p), those below 0 or at bins and above in the end
+    bins, NaN in the last."""
+    index = scaled.floor_().clamp_(0, bins - 1).nan_to_num_(bins - 1).long()
+    one = torch.ones((), dtype=torch.long, device=index.device).expand_as(index)
+    counts = torch.zeros(index.shape[0], bins, dtype=torch.long, device=index.device)
+    return counts.scatter_add_(1, index, one)
+
+
+def row_histogram(
+    rows: torch.Tensor, low: float, high: float, bins: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts, outside): per row, the counts in ``bins`` equal bins over [low, high), the
+    values outside folded into the first and last bin, and the share of values outside
+    (below low, or at or above high)."""
+    # Two extra bins catch what lies outside, then fold into the end bins: cheaper than
+    # comparing every value with low and high again.
+    counts = _bin_counts((rows - low) * (bins / (high - low)) + 1, bins + 2)
+    below, above = counts[:, 0], counts[:, -1]
+    outside = (below + above) / rows.shape[1]
+    inner = counts[:, 1:-1].clone()
+    inner[:, 0] += below
+    inner[:, -1] += above
+    return inner, outside
+
+
 def row_std(rows: torch.Tensor) -> torch.Tensor:
     """The sample standard deviation (n - 1) of each row of a (rows, n) tensor.
 
@@ -73,33 +142,6 @@ def row_std(rows: torch.Tensor) -> torch.Tensor:
     """
     centered = rows - rows.mean(1, keepdim=True)
     return torch.linalg.vector_norm(centered, dim=1) / math.sqrt(rows.shape[1] - 1)
-
-
-def saturation_cut(activation: str, threshold: float) -> float | None:
-    """The nonlinearity's input beyond which its output is saturated (None for ReLU).
-
-    sigmoid(x) > t  <=>  x > log(t / (1 - t));  |tanh(x)| > t  <=>  |x| > atanh(t).
-    """
-    if activation == "sigmoid":
-        return math.log(threshold / (1.0 - threshold))
-    if activation == "tanh":
-        return math.atanh(threshold)
-    return None
-
-
-def preact_edges(activation: str, post_edges: torch.Tensor) -> torch.Tensor:
-    """Bin edges on the nonlinearity's input that map to `post_edges` on its output.
-
-    The activations are monotone, so a histogram of outputs is a histogram of inputs over
-    the inverse edges; only the interior edges are used, so logit(0) = -inf never occurs.
-    """
-    inner = post_edges[1:-1].double()
-    if activation == "sigmoid":
-        inner = torch.log(inner / (1.0 - inner))
-    elif activation == "tanh":
-        inner = torch.atanh(inner)
-    # relu: an output below e > 0 is exactly an input below e
-    return torch.cat([post_edges[:1].double(), inner, post_edges[-1:].double()]).float()
 
 
 def postact_range(activation: str, hist_range: float) -> tuple[float, float]:
@@ -115,8 +157,9 @@ def saturation_fraction(post: torch.Tensor, activation: str, threshold: float) -
     """
     rows = post.shape[0]
     if activation == "sigmoid":
-        sat = (post < 1.0 - threshold) | (post > threshold)
-        return sat.reshape(rows, -1).float().mean(1)
+        # post < 1 - t or post > t, as one comparison: |post - 1/2| > t - 1/2
+        sat = (post - 0.5).abs_() > threshold - 0.5
+        return sat.reshape(rows, -1).sum(1) / sat[0].numel()
     if activation == "tanh":
         return (post.abs() > threshold).reshape(rows, -1).float().mean(1)
     # A ReLU unit (a channel for conv layers) is dead when no example activates it.

@@ -11,9 +11,9 @@ Rows reach the History as (layer, metric, value) per variant; layer "" is the wh
 
 from __future__ import annotations
 
+import itertools
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,12 +25,10 @@ from bn_core.probes import (
     BAND_PERCENTILES,
     FIG1_PERCENTILES,
     postact_range,
-    preact_edges,
-    quantiles_of_sorted,
+    row_histogram,
+    row_percentiles,
     row_std,
-    saturation_cut,
     saturation_fraction,
-    sort_rows,
 )
 
 __all__ = ["PROBE_METRICS", "Telemetry", "bn_layers"]
@@ -90,16 +88,6 @@ class Telemetry:
         lo, hi = postact_range(config.activation, h)
         history.set_bin_edges("preact", torch.linspace(-h, h, bins + 1).numpy())
         history.set_bin_edges("postact", torch.linspace(lo, hi, bins + 1).numpy())
-        # One sorted search over these cut points gives both histograms, the clipped share
-        # and the saturation: the inner edges of the input histogram, the inner edges of
-        # the output histogram mapped back through the (monotone) nonlinearity, the
-        # histogram range, and the saturation cut-offs.
-        cut = saturation_cut(config.activation, config.saturation_threshold)
-        post_edges = preact_edges(config.activation, torch.linspace(lo, hi, bins + 1))
-        parts = [torch.linspace(-h, h, bins + 1)[1:-1], post_edges[1:-1], torch.tensor([-h, h])]
-        if cut is not None:
-            parts.append(torch.tensor([-cut, cut]))
-        self.probe_cuts = torch.cat(parts).float().to(x_probe.device).unsqueeze(0)
 
     def write(self, step: int, rows: Rows) -> None:
         for v, variant_rows in rows.items():
@@ -143,6 +131,7 @@ class Telemetry:
         before, self._weights_before = self._weights_before, None
         if before is None or not running:
             return
+        names = self.model.layer_names
         after = [s.weight for s in self.model.layer_stacks()]
         ratios = torch.stack(
             [
@@ -150,12 +139,11 @@ class Telemetry:
                 for a, b in zip(after, before, strict=True)
             ]
         ).cpu()  # (layers, variants)
-        rows: Rows = {v: [] for v in running}
-        for li, name in enumerate(self.model.layer_names):
-            for v in running:
-                ratio = float(ratios[li, v])
-                if math.isfinite(ratio):  # a layer that did not move has no log ratio
-                    rows[v].append((name, "update_ratio", ratio))
+        # A layer that did not move reads -inf: log10(0).
+        rows: Rows = {
+            v: [(name, "update_ratio", float(ratios[li, v])) for li, name in enumerate(names)]
+            for v in running
+        }
         self.write(step, rows)
 
     @torch.no_grad()
@@ -198,57 +186,53 @@ class Telemetry:
         cfg = self.config
         with preserved_state(self.model, []):
             _, records = self.model(self.x_probe, record=True)
-        R = len(running)
-        every = len(self.variant_names) == R
+        every = len(self.variant_names) == len(running)
         idx = None if every else torch.tensor(running, device=self.x_probe.device)
-        cuts = self.probe_cuts.expand(R, -1).contiguous()
-        bins = cfg.hist_bins
-        # Layers differ in size (conv vs fc), so each is one (variants, values) block.
-        # Sorting once gives the percentiles; one binary search of all cut points gives
-        # the counts below each of them.
-        columns, below, saturation = [], [], []
-        for rec in records:
-            preact = rec.preact if every else rec.preact[idx]
-            pre = preact.reshape(R, -1)
+        h, bins = cfg.hist_range, cfg.hist_bins
+        lo, hi = postact_range(cfg.activation, h)
+        # Layers of one size are measured as one block of (layers x variants) rows, so a
+        # logged step costs the same few tensor ops however deep the net (conv and fc
+        # layers differ in size and form separate blocks).
+        by_size: dict[int, list[int]] = {}
+        for li, rec in enumerate(records):
+            by_size.setdefault(rec.preact[0].numel(), []).append(li)
+        for layer_ids in by_size.values():
+
+            def block(values: list[torch.Tensor], layer_ids=layer_ids) -> torch.Tensor:
+                """(layers * variants, ...): the running variants' rows, layer by layer."""
+                picked = [values[li] if every else values[li][idx] for li in layer_ids]
+                return torch.stack(picked).flatten(0, 1)
+
+            preact = block([r.preact for r in records])
+            post = block([r.postact for r in records])
+            pre = preact.flatten(1)
             # One unit (one channel of a conv layer), as Fig. 1 follows one sigmoid.
-            unit = preact[:, :, cfg.probe_unit].reshape(R, -1)
-            pre_sorted = sort_rows(pre)
-            columns.append(
-                torch.cat(
-                    [
-                        quantiles_of_sorted(pre_sorted, FIG1_PERCENTILES + BAND_PERCENTILES),
-                        quantiles_of_sorted(sort_rows(unit), FIG1_PERCENTILES),
-                        pre.mean(1, keepdim=True),
-                        # torch.std_mean takes 300 us here: 17% of a digits run's time
-                        row_std(pre).unsqueeze(1),
-                    ],
-                    dim=1,
-                )
+            unit = preact[:, :, cfg.probe_unit].flatten(1)
+            pre_hist, clipped = row_histogram(pre, -h, h, bins)
+            post_hist, _ = row_histogram(post.flatten(1), lo, hi, bins)
+            saturated = saturation_fraction(post, cfg.activation, cfg.saturation_threshold)
+            columns = torch.cat(
+                [
+                    row_percentiles(pre, FIG1_PERCENTILES + BAND_PERCENTILES),
+                    row_percentiles(unit, FIG1_PERCENTILES),
+                    pre.mean(1, keepdim=True),
+                    row_std(pre).unsqueeze(1),
+                    clipped.unsqueeze(1).to(pre.dtype),
+                    saturated.unsqueeze(1).to(pre.dtype),
+                ],
+                dim=1,
             )
-            below.append(torch.searchsorted(pre_sorted, cuts).cpu().numpy())
-            if cuts.shape[1] <= 2 * bins:  # no saturation cut-offs: ReLU's dead units
-                post = rec.postact if every else rec.postact[idx]
-                share = saturation_fraction(post, cfg.activation, cfg.saturation_threshold)
-                saturation.append(share.cpu().numpy())
-        table = torch.stack(columns).double().cpu().numpy()  # (layers, R, columns)
-        for li, (name, rec) in enumerate(zip(self.model.layer_names, records, strict=True)):
-            n, counts = rec.preact[0].numel(), below[li]  # counts: (R, cuts)
-            pre_hist = np.diff(counts[:, : bins - 1], prepend=0, append=n)
-            post_hist = np.diff(counts[:, bins - 1 : 2 * bins - 2], prepend=0, append=n)
-            clipped = (counts[:, 2 * bins - 2] + n - counts[:, 2 * bins - 1]) / n
-            if saturation:
-                saturated = saturation[li]
-            else:
-                saturated = (counts[:, 2 * bins] + n - counts[:, 2 * bins + 1]) / n
-            for ri, v in enumerate(running):
-                values = [*table[li, ri], clipped[ri], saturated[ri]]
+            table = columns.double().cpu().numpy()  # (layers * variants, PROBE_METRICS)
+            pre_hist, post_hist = pre_hist.cpu().numpy(), post_hist.cpu().numpy()
+            for i, (li, ri) in enumerate(itertools.product(layer_ids, range(len(running)))):
+                name, v = self.model.layer_names[li], running[ri]
                 rows[v] += [
                     (name, metric, float(value))
-                    for metric, value in zip(PROBE_METRICS, values, strict=True)
+                    for metric, value in zip(PROBE_METRICS, table[i], strict=True)
                 ]
                 variant = self.variant_names[v]
-                self.history.add_histogram(step, variant, name, "preact", pre_hist[ri])
-                self.history.add_histogram(step, variant, name, "postact", post_hist[ri])
+                self.history.add_histogram(step, variant, name, "preact", pre_hist[i])
+                self.history.add_histogram(step, variant, name, "postact", post_hist[i])
 
     # --- an evaluation --------------------------------------------------------------------
     @torch.no_grad()

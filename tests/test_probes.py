@@ -12,9 +12,13 @@ from hypothesis import strategies as st
 
 from bn_core.probes import (
     BAND_PERCENTILES,
+    EXACT_PERCENTILE_VALUES,
     FIG1_PERCENTILES,
+    PERCENTILE_BINS,
     postact_range,
     quantiles_of_sorted,
+    row_histogram,
+    row_percentiles,
     row_std,
     saturation_fraction,
 )
@@ -123,3 +127,62 @@ def test_row_std_is_the_sample_std_of_each_row(shape):
     np.testing.assert_allclose(got.numpy(), rows.std(axis=1, ddof=1), rtol=1e-12)
     got32 = row_std(torch.from_numpy(rows).float())
     np.testing.assert_allclose(got32.numpy(), rows.std(axis=1, ddof=1), rtol=1e-5)
+
+
+# --- percentiles and histograms of the probe's rows --------------------------------------
+ALL_PERCENTILES = FIG1_PERCENTILES + BAND_PERCENTILES
+
+
+@pytest.mark.parametrize("n", [5, 300, EXACT_PERCENTILE_VALUES])
+def test_row_percentiles_are_exact_up_to_the_limit(n):
+    rows = np.random.default_rng(n).normal(size=(4, n)).astype(np.float32)
+    got = row_percentiles(torch.from_numpy(rows), ALL_PERCENTILES).numpy()
+    want = np.percentile(rows.astype(np.float64), ALL_PERCENTILES, axis=1).T
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", ["normal", "heavy-tailed", "two-clusters", "ties"])
+def test_long_row_percentiles_are_within_one_bin_of_numpy(shape):
+    # Above the limit they come from a histogram of PERCENTILE_BINS bins between the row's
+    # min and max: within one bin width of numpy.percentile, the extremes exact.
+    rng = np.random.default_rng(7)
+    n = 30_000
+    rows = rng.normal(size=(3, n))
+    if shape == "heavy-tailed":
+        rows = rows**3 * 5
+    elif shape == "two-clusters":
+        rows = np.where(rng.random((3, n)) < 0.3, rows - 40, rows + 3)
+    elif shape == "ties":
+        rows = np.round(rows, 1)
+    rows = rows.astype(np.float32)
+    got = row_percentiles(torch.from_numpy(rows), ALL_PERCENTILES).numpy()
+    want = np.percentile(rows.astype(np.float64), ALL_PERCENTILES, axis=1).T
+    width = (rows.max(1) - rows.min(1))[:, None] / PERCENTILE_BINS
+    assert np.all(np.abs(got - want) <= width * 1.0001 + 1e-6)
+    ends = [ALL_PERCENTILES.index(0.0), ALL_PERCENTILES.index(100.0)]
+    np.testing.assert_array_equal(got[:, ends], np.stack([rows.min(1), rows.max(1)], 1))
+
+
+def test_long_constant_row_has_its_value_as_every_percentile():
+    rows = torch.full((2, 10_000), 2.5)
+    assert torch.equal(row_percentiles(rows, ALL_PERCENTILES), torch.full((2, 12), 2.5))
+
+
+def test_row_histogram_equals_numpy_with_outside_values_folded_in():
+    rng = np.random.default_rng(3)
+    rows = (rng.normal(size=(3, 5000)) * 2).astype(np.float32)
+    rows[0, :3] = [np.nan, np.inf, -np.inf]
+    counts, outside = row_histogram(torch.from_numpy(rows), -3.0, 3.0, 60)
+    edges = np.linspace(-3, 3, 61)
+    for r in range(3):
+        values = rows[r][np.isfinite(rows[r])]
+        inner = values[(values >= -3) & (values < 3)]
+        want = np.histogram(inner, edges)[0]
+        want[0] += np.sum(values < -3)
+        want[-1] += np.sum(values >= 3) + np.sum(~np.isfinite(rows[r]) & (rows[r] != -np.inf))
+        want[0] += np.sum(rows[r] == -np.inf)
+        # numpy puts a value in bin floor((x + 3) / 0.1) up to rounding at the edges
+        assert np.abs(counts[r].numpy() - want).sum() <= 4
+        assert counts[r].sum() == rows.shape[1]
+        out = np.sum((rows[r] < -3) | (rows[r] >= 3) | np.isnan(rows[r])) / rows.shape[1]
+        assert outside[r].item() == pytest.approx(out)
