@@ -268,6 +268,7 @@ def check(claim: Claim, history: History) -> ClaimResult:
     if missing:
         return ClaimResult(claim, reason=f"this run has no {missing[0]} variant")
     measured: dict[str, float] = {}
+    values: list[float] = []  # one per operand, even where two operands share a name
     for v, wanted in claim.operands:
         layer = _resolve_layer(history, v, wanted)
         value = None
@@ -276,7 +277,7 @@ def check(claim: Claim, history: History) -> ClaimResult:
         if value is None or not math.isfinite(value):
             return ClaimResult(claim, measured, reason=f"no {claim.metric} measured for {v} yet")
         measured[claim.operand_name(v, wanted)] = value
-    values = list(measured.values())
+        values.append(value)
     if claim.compare == "value":
         value = values[0]
     elif claim.compare == "difference":

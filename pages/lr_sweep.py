@@ -5,7 +5,7 @@ import streamlit as st
 
 from bn_core.config import ConfigError, load_preset
 from bn_core.experiments import charts
-from bn_core.experiments.sweep import MAX_RATES, LrSweep, lr_grid
+from bn_core.experiments.sweep import MAX_RATES, USABLE_WITHIN, LrSweep, lr_grid
 from ui import load
 from ui.charts import show_chart
 from ui.export_panel import page_export_panel
@@ -129,14 +129,23 @@ def sweep_panel() -> None:
     )
     result = sweep.result()
     row = st.container(horizontal=True, gap="medium")
-    for label, span in result.usable.items():
-        if span is None:
-            text = "none" if sweep.finished else "none yet"
-        elif span[0] == span[1]:
-            text = f"{span[0]:g} only"
-        else:
-            text = f"{span[0]:g} – {span[1]:g} ({span[1] / span[0]:.0f}×)"
-        row.metric(f"Usable learning rates, {label}", text, width=260)
+    for label in result.usable:
+        text = result.usable_text(label, short=True) or ("none" if sweep.finished else "none yet")
+        row.metric(
+            f"Usable learning rates, {label}",
+            text,
+            width=260,
+            help=f"Did not diverge and ended within {USABLE_WITHIN:.0%} of the sweep's best "
+            "accuracy. A range that reaches an end of the grid may go on past it: its "
+            "ratio is then a lower bound (≥).",
+        )
+    bounded = [label for label in result.usable if result.touches_grid_end(label)]
+    if bounded:
+        st.caption(
+            "; ".join(f"{label}: {result.usable_text(label)}" for label in bounded)
+            + ". A range that reaches an end of the grid may go on past it, so its ratio "
+            "is a lower bound: widen the grid to find where it ends."
+        )
     show_chart(charts.lr_sweep_chart(result), "lr_sweep", page=PAGE)
     table = pd.DataFrame(
         [

@@ -394,6 +394,11 @@ def test_lr_sweep_chart_draws_each_run_and_marks_divergence_and_usable_spans(swe
         if span is not None:
             assert (shades[0].x0, shades[0].x1) == span == tuple(bars[0].x)
             assert bars[0].xaxis == acc_line.xaxis and max(bars[0].y) < 0  # under 0%
+            # The hover says the range in words, a lower bound (≥) where it reaches an
+            # end of the grid.
+            text = sweep.usable_text(label)
+            assert f"usable: {text}<extra>" in bars[0].hovertemplate
+            assert ("≥" in text) == (span[0] <= 0.01 or span[1] >= 10.0)
     assert any(p.diverged_at is not None for p in sweep.points)  # the test needs one
     assert any(sweep.usable.values())  # and a usable span
     assert fig.layout.xaxis2.type == "log"

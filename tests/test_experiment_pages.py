@@ -12,6 +12,7 @@ import torch
 from chart_elements import page_charts
 from streamlit.testing.v1 import AppTest
 
+from bn_core.claims import load_claims
 from bn_core.experiments.blowup import run_blowup
 from bn_core.experiments.charts import EXPERIMENT_CHARTS
 from bn_core.experiments.inside import single_example_error
@@ -69,6 +70,17 @@ def button(at: AppTest, prefix: str):
     found = [b for b in at.button if b.label.startswith(prefix)]
     assert len(found) == 1, f"button {prefix!r}: {[b.label for b in at.button]}"
     return found[0]
+
+
+def claims_panel(at: AppTest, missing_ok: bool = False) -> list[str]:
+    """The claims panel's markdown: its heading, then one line per claim."""
+    markdown = [md.value for md in at.main.markdown]
+    heads = [i for i, text in enumerate(markdown) if text.startswith("**What this run shows")]
+    if missing_ok and not heads:
+        return []
+    assert len(heads) == 1, markdown
+    lines = markdown[heads[0] :]
+    return [lines[0], *(line for line in lines[1:] if "measured:" in line)]
 
 
 def captions(at: AppTest) -> str:
@@ -141,10 +153,45 @@ def test_network_button_trains_once_and_keeps_the_result(blowup_page):
         assert EXPERIMENT_CHARTS[key].caption in captions(at)
     assert float(metric(at, "Max ‖dL/db‖, correct")) <= 1e-6
     assert float(metric(at, "Min ‖dL/db‖, naive")) > 1e-3
+    # The push on layer 1 at the first and the last step, as measured.
+    push = net.series("batchnorm-naive", "bias_grad_norm")[0]
+    first, last = metric(at, "Naive push on layer1").split(" → ")
+    assert float(first) == pytest.approx(push[0], rel=5e-3)
+    assert float(last) == pytest.approx(push[-1], rel=5e-3)
+    # The preset's claims: the one checked at step 0 already holds, the rest wait for
+    # step 1,000 and say so.
+    claims = load_claims("bias-blowup")
+    panel = claims_panel(at)
+    assert panel[0].startswith("**What this run shows")
+    assert f"1 of {len(claims)} hold" in panel[0]
+    for c, line in zip(claims, panel[1:], strict=True):
+        assert c.says in line and "measured:" in line
+        if c.at == 0:
+            assert "✓" in line
+        else:
+            assert "…" in line and "checked at step 1,000; the run is at step 20" in line
     # Another widget reruns the page without training again.
     run(at.select_slider(key="bb_lr").set_value(0.5))
     assert at.session_state.bb_network is net
     assert "network_bias_grads" in page_charts(at, "blowup")
+
+
+def test_network_default_run_bears_out_every_claim(blowup_page):
+    """The section's default length is the claims' step: on it, every claim holds."""
+    at = blowup_page
+    assert at.slider(key="bb_net_steps").value == 1000
+    assert not at.session_state.get("bb_network")
+    assert not claims_panel(at, missing_ok=True)  # nothing to check before a run
+    run(button(at, "Train both nets").click())
+    assert len(at.session_state.bb_network.steps) == 1000
+    claims = load_claims("bias-blowup")
+    panel = claims_panel(at)
+    assert f"{len(claims)} of {len(claims)} hold" in panel[0], "\n".join(panel)
+    assert all("✓" in line for line in panel[1:])
+    naive_min = float(metric(at, "Min ‖dL/db‖, naive"))
+    assert 1e-4 < naive_min < 0.01  # the floor shown is the one measured, well under 0.01
+    first, last = (float(x) for x in metric(at, "Naive push on layer1").split(" → "))
+    assert last < first / 2
 
 
 # --- inside BN ---------------------------------------------------------------------------

@@ -32,7 +32,14 @@ from bn_core.experiments.ics import (
     steps_to_accuracy,
 )
 from bn_core.experiments.landscape import LANDSCAPE_METRICS, eta_grid, probe_landscape
-from bn_core.experiments.sweep import LrSweep, SweepPoint, lr_grid, usable_ranges
+from bn_core.experiments.sweep import (
+    LrSweep,
+    SweepPoint,
+    SweepResult,
+    lr_grid,
+    usable_range_text,
+    usable_ranges,
+)
 from bn_core.models import LockstepMLP, preserved_state, variant_losses
 from bn_core.train import Trainer
 
@@ -455,6 +462,43 @@ def test_usable_ranges_follow_the_rule():
     # best 0.97 (batchnorm at 0.1): usable means >= 0.92
     assert usable_ranges(points) == {"plain": (0.1, 1.0), "batchnorm": (0.01, 10.0)}
     assert usable_ranges([point("none", 0.1, 0.2, diverged=3)]) == {"plain": None}
+
+
+def test_a_usable_range_that_touches_the_grid_end_is_a_lower_bound():
+    def point(norm, lr, acc, diverged=None):
+        return SweepPoint(norm, lr, 0.1, 0.1, acc, diverged)
+
+    grid = [0.01, 0.1, 1.0, 10.0]
+    accuracy = {"none": [0.5, 0.93, 0.96, 0.3], "batchnorm": [0.92, 0.97, 0.95, 0.93]}
+    points = [
+        point(norm, lr, acc)
+        for norm, values in accuracy.items()
+        for lr, acc in zip(grid, values, strict=True)
+    ]
+    result = SweepResult(points, 8, 8, usable_ranges(points))
+    assert result.usable == {"plain": (0.1, 1.0), "batchnorm": (0.01, 10.0)}
+    assert result.grid("batchnorm") == grid
+    # Both ends reached: the ratio is only a lower bound, and the text says so.
+    assert result.usable_text("batchnorm") == "0.01 – 10 (≥ 1,000×, the grid's whole span)"
+    assert result.usable_text("batchnorm", short=True) == "0.01 – 10 (≥ 1,000×)"
+    assert result.touches_grid_end("batchnorm")
+    # Inside the grid on both sides: the ratio is what was measured.
+    assert result.usable_text("plain") == result.usable_text("plain", short=True)
+    assert result.usable_text("plain") == "0.1 – 1 (10×)"
+    assert not result.touches_grid_end("plain")
+    # One end reached.
+    assert usable_range_text((0.1, 10.0), grid) == (
+        "0.1 – 10 (≥ 100×, reaches the grid's highest rate)"
+    )
+    assert usable_range_text((0.01, 0.05), grid) == (
+        "0.01 – 0.05 (≥ 5×, reaches the grid's lowest rate)"
+    )
+    assert usable_range_text((10.0, 10.0), grid) == "10 only (reaches the grid's highest rate)"
+    assert usable_range_text((10.0, 10.0), grid, short=True) == "10 only"
+    assert usable_range_text((1.0, 1.0), grid) == "1 only"
+    assert usable_range_text((0.5, 0.5), [0.5]) == "0.5 only (the grid's only rate)"
+    none = SweepResult([point("none", 0.1, 0.2, diverged=3)], 1, 1, {"plain": None})
+    assert none.usable_text("plain") is None and not none.touches_grid_end("plain")
 
 
 def test_a_sweep_run_that_diverged_entirely_counts_as_done(digits):

@@ -13,6 +13,7 @@ import pytest
 from chart_elements import page_charts
 from streamlit.testing.v1 import AppTest
 
+from bn_core.claims import load_claims
 from bn_core.experiments.charts import EXPERIMENT_CHARTS
 from bn_core.experiments.sweep import lr_grid
 from bn_core.figures import CHARTS
@@ -164,6 +165,27 @@ def test_claims_table_has_one_column_per_variant(ics_page):
         assert "–" not in list(views["Santurkar et al."][variant]), views["Santurkar et al."]
 
 
+def test_ics_page_checks_the_presets_claims_on_its_run(ics_page):
+    at = play(ics_page, reruns=1)
+    step = at.session_state.ics_trainer.step
+    markdown = [md.value for md in at.main.markdown]
+    heads = [i for i, text in enumerate(markdown) if text.startswith("**What this run shows")]
+    assert len(heads) == 1, markdown
+    claims = load_claims("ics-smoothness")
+    lines = [m for m in markdown[heads[0] + 1 :] if "measured:" in m]
+    assert len(lines) == len(claims)
+    for c, line in zip(claims, lines, strict=True):
+        assert c.says in line or c.otherwise in line, c.says
+        assert f"holds when {c.threshold}" in line
+        assert f"checked at step {c.at:,}; the run is at step {step:,}" in line
+    # The prose says the smoother landscape is Santurkar et al.'s report, and which part
+    # of it this net reproduces; the noise note says what evaluation mode does.
+    text = "\n".join(markdown)
+    assert "They report that what BN does change is the landscape" in text
+    assert "effective β-smoothness is *larger* with BN" in text
+    assert "scale (low + high) / 2, 1.125 here, and shift 0" in captions(at)
+
+
 def test_pause_stops_the_run(ics_page):
     at = play(ics_page, reruns=1)
     run(at.button(key="ics_play").click())
@@ -300,6 +322,15 @@ def test_sweep_runs_to_the_end(sweep_page):
 
     labels = [m.label for m in at.metric]
     assert labels == ["Usable learning rates, plain", "Usable learning rates, batchnorm"]
+    # A range that reaches an end of the grid is a lower bound, and the page says so.
+    result = sweep.result()
+    for m, label in zip(at.metric, ("plain", "batchnorm"), strict=True):
+        assert m.value == (result.usable_text(label, short=True) or "none")
+        assert ("≥" in m.value) == result.touches_grid_end(label), m.value
+        if result.touches_grid_end(label):
+            assert f"{label}: {result.usable_text(label)}" in captions(at)
+    bounded = any(result.touches_grid_end(label) for label in ("plain", "batchnorm"))
+    assert ("is a lower bound" in captions(at)) == bounded
     fig = page_charts(at, "sweep")["lr_sweep"]
     lines = [t for t in fig["data"] if t.get("mode") == "lines+markers"]
     assert sorted({t["name"] for t in lines}) == ["batchnorm", "plain"]

@@ -19,7 +19,17 @@ from bn_core.config import ConfigError, RunConfig, VariantSpec
 from bn_core.data import Dataset, load_dataset
 from bn_core.train import Trainer
 
-__all__ = ["MAX_RATES", "SweepPoint", "SweepResult", "LrSweep", "lr_grid", "sweep_variant_name"]
+__all__ = [
+    "MAX_RATES",
+    "SweepPoint",
+    "SweepResult",
+    "LrSweep",
+    "USABLE_WITHIN",
+    "lr_grid",
+    "sweep_variant_name",
+    "usable_range_text",
+    "usable_ranges",
+]
 
 MAX_RATES = 8
 MAX_PER_RUN = 8  # variants in one lockstep run (RunConfig's limit)
@@ -72,6 +82,22 @@ class SweepResult:
     steps_done: int
     steps_total: int
     usable: dict[str, tuple[float, float] | None]  # variant label -> (lowest, highest) lr
+
+    def grid(self, label: str) -> list[float]:
+        """The learning rates swept for one variant, lowest first."""
+        return sorted({p.lr for p in self.points if p.label == label})
+
+    def usable_text(self, label: str, *, short: bool = False) -> str | None:
+        """The usable range of one variant in words (``usable_range_text``); None if none."""
+        span = self.usable.get(label)
+        if span is None:
+            return None
+        return usable_range_text(span, self.grid(label), short=short)
+
+    def touches_grid_end(self, label: str) -> bool:
+        """Whether the usable range reaches the lowest or highest rate swept."""
+        span, grid = self.usable.get(label), self.grid(label)
+        return span is not None and (span[0] <= grid[0] or span[1] >= grid[-1])
 
 
 class LrSweep:
@@ -169,6 +195,32 @@ class LrSweep:
 def _last(history, variant: str, metric: str) -> float:
     _, values = history.series(variant, "", metric)
     return float(values[-1]) if len(values) else math.nan
+
+
+def usable_range_text(span: tuple[float, float], grid: list[float], *, short: bool = False) -> str:
+    """``span`` in words, e.g. "0.1 – 1 (10×)".
+
+    A range that reaches an end of the swept ``grid`` may go on past it, so its ratio is
+    only a lower bound: "0.01 – 10 (≥ 1,000×, the grid's whole span)". ``short`` leaves
+    out the words after the ratio (for a metric tile), never the "≥".
+    """
+    low, high = span
+    at_low = bool(grid) and low <= min(grid)
+    at_high = bool(grid) and high >= max(grid)
+    if at_low and at_high:
+        end = "the grid's whole span" if low < high else "the grid's only rate"
+    elif at_low:
+        end = "reaches the grid's lowest rate"
+    elif at_high:
+        end = "reaches the grid's highest rate"
+    else:
+        end = ""
+    note = f", {end}" if end and not short else ""
+    if low == high:
+        return f"{low:g} only" + (f" ({end})" if end and not short else "")
+    ratio = high / low
+    times = f"{ratio:,.0f}×" if ratio >= 10 else f"{ratio:.2g}×"
+    return f"{low:g} – {high:g} ({'≥ ' if end else ''}{times}{note})"
 
 
 def usable_ranges(points: list[SweepPoint]) -> dict[str, tuple[float, float] | None]:
