@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from bn_core.claims import check_claims, claims_json, load_claims
+from bn_core.claims import ClaimBook, claims_json, load_claims
 from bn_core.config import ConfigError, RunConfig, list_presets, load_preset
 from bn_core.data import DatasetUnavailable
 
@@ -86,8 +86,9 @@ def _load_config(args: argparse.Namespace) -> RunConfig:
     return config.replace(**overrides) if overrides else config
 
 
-def _train(config: RunConfig):
-    """A finished Trainer, with a progress bar on stderr."""
+def _train(config: RunConfig, claims: ClaimBook):
+    """A finished Trainer, with a progress bar on stderr; ``claims`` are settled as the
+    run passes their steps."""
     from tqdm import tqdm
 
     from bn_core.experiments import make_trainer
@@ -96,24 +97,28 @@ def _train(config: RunConfig):
     with tqdm(total=config.steps, unit="step", file=sys.stderr, desc="training") as bar:
         while not trainer.finished:
             bar.update(trainer.advance(seconds=0.5))
+            claims.results(trainer.history)
     for status in trainer.status:
         print(f"{status.name}: {status.label}", file=sys.stderr)
     return trainer
 
 
+def _claims(args: argparse.Namespace) -> ClaimBook:
+    """The preset's sentences about the outcome; a config file carries none."""
+    return ClaimBook(load_claims(args.preset) if args.preset is not None else [])
+
+
 def _run(args: argparse.Namespace) -> int:
     config = _load_config(args)
-    trainer = _train(config)
+    claims = _claims(args)
+    trainer = _train(config, claims)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(config.to_json() + "\n")
     trainer.history.to_csv(args.out / "metrics.csv")
     trainer.history.save_histograms_npz(args.out / "histograms.npz")
     events = [e.__dict__ for e in trainer.history.events]
     (args.out / "events.json").write_text(json.dumps(events, indent=2) + "\n")
-    # The preset's sentences about the outcome, checked on this run (a config file
-    # carries no claims: an empty list).
-    claims = load_claims(args.preset) if args.preset is not None else []
-    results = check_claims(claims, trainer.history)
+    results = claims.results(trainer.history)
     (args.out / "claims.json").write_text(claims_json(results))
     print(f"wrote {args.out}/config.json, metrics.csv, histograms.npz, events.json, claims.json")
     for result in results:
@@ -141,7 +146,8 @@ def _export(args: argparse.Namespace) -> int:
             ) from None
     else:
         config = _load_config(args)
-        history = _train(config).history
+        claims = _claims(args)
+        history = _train(config, claims).history
     static = [f for f in formats if f in export.STATIC_FORMATS]
     available, why = export.static_export_available()
     if static and not available:
@@ -154,8 +160,7 @@ def _export(args: argparse.Namespace) -> int:
             bar.set_postfix_str(label[-40:])
             bar.refresh()
 
-        claims = load_claims(args.preset) if getattr(args, "preset", None) else []
-        results = check_claims(claims, history)
+        results = claims.results(history) if args.run is None else []
         paths = export.write_export(
             history, config, args.out, formats, progress=progress, claims=results
         )

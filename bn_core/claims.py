@@ -30,6 +30,7 @@ from bn_core.history import History
 __all__ = [
     "QUANTITIES",
     "Claim",
+    "ClaimBook",
     "ClaimResult",
     "check_claims",
     "claims_from_list",
@@ -298,6 +299,32 @@ def check(claim: Claim, history: History) -> ClaimResult:
 
 def check_claims(claims: list[Claim], history: History) -> list[ClaimResult]:
     return [check(c, history) for c in claims]
+
+
+class ClaimBook:
+    """A run's claims, each kept as it was checked once the run had reached its step.
+
+    A long run's History thins its series (every other point goes when one is full), so a
+    claim about step 1,000 re-read at step 50,000 would rest on fewer points than the run
+    showed at the time. Calling ``results`` as the run goes (every tick, every chunk of
+    the CLI's loop) settles each claim on the points it was made about.
+    """
+
+    def __init__(self, claims: list[Claim]) -> None:
+        self.claims = list(claims)
+        self._settled: dict[int, ClaimResult] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.claims)
+
+    def results(self, history: History) -> list[ClaimResult]:
+        out = []
+        for i, claim in enumerate(self.claims):
+            result = self._settled.get(i) or check(claim, history)
+            if result.holds is not None:
+                self._settled[i] = result
+            out.append(result)
+        return out
 
 
 def claims_from_list(raw: Any, where: str = "claims") -> list[Claim]:

@@ -4,7 +4,7 @@ import numpy as np
 import streamlit as st
 
 from bn_core import figures
-from bn_core.claims import load_claims
+from bn_core.claims import ClaimBook, load_claims
 from bn_core.config import load_preset
 from bn_core.experiments import charts
 from bn_core.experiments.blowup import BlowupResult, blowup_summary, network_blowup, run_blowup
@@ -222,7 +222,7 @@ else:
             width=METRIC_WIDTH,
         )
     show_claims(
-        load_claims(NET_PRESET),
+        ClaimBook(load_claims(NET_PRESET)),
         net.history,
         title=f"What this run shows (the {NET_PRESET} preset's claims, checked)",
     )

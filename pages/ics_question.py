@@ -3,7 +3,7 @@
 import streamlit as st
 
 from bn_core import figures
-from bn_core.claims import load_claims
+from bn_core.claims import ClaimBook, load_claims
 from bn_core.config import ConfigError, load_preset
 from bn_core.experiments import make_trainer
 from bn_core.experiments.ics import claims_summary
@@ -45,6 +45,7 @@ def new_run() -> None:
     except ConfigError as err:
         ss.ics_message = f"Not restarted, the current run is kept. {err}"
         return
+    ss.ics_claims = ClaimBook(load_claims(PRESET))
     ss.ics_playing = False
 
 
@@ -232,7 +233,7 @@ def ics_panel() -> None:
     with st.expander("How each number is measured"):
         for r in rows:
             st.markdown(f"- **{r.measure}** ({r.claim}): {r.help}.")
-    show_claims(load_claims(PRESET), history, title="What this run shows")
+    show_claims(ss.ics_claims, history, title="What this run shows")
 
     st.subheader("1 · Stable distributions and speed (Ioffe & Szegedy)")
     show_chart(

@@ -13,7 +13,15 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from bn_core.__main__ import main
-from bn_core.claims import QUANTITIES, Claim, check, check_claims, claims_from_list, load_claims
+from bn_core.claims import (
+    QUANTITIES,
+    Claim,
+    ClaimBook,
+    check,
+    check_claims,
+    claims_from_list,
+    load_claims,
+)
 from bn_core.config import ConfigError, list_presets, load_preset
 from bn_core.experiments import make_trainer
 from bn_core.history import History
@@ -227,6 +235,27 @@ def test_a_claim_without_a_required_key_is_an_error():
 
 
 # --- claims.json from the CLI ----------------------------------------------------------------
+def test_a_claim_book_keeps_each_claim_as_the_run_showed_it_at_its_step():
+    # A History of 30 points thins from step 300 on (probes every 10 steps). The jitter
+    # claim about step 200 is settled by the book while the run is still unthinned;
+    # re-read after thinning, the same claim rests on half the points and measures less.
+    claim = dataclasses.replace(
+        next(c for c in load_claims("noisy-bn") if c.quantity == "jitter"), at=200
+    )
+    config = load_preset("noisy-bn").replace(steps=1200, max_points=30, device="cpu")
+    trainer = make_trainer(config)
+    book = ClaimBook([claim])
+    trainer.advance(steps=250)
+    (settled,) = book.results(trainer.history)
+    assert settled.holds is not None and trainer.history.stride == 1
+    trainer.advance(steps=950)
+    assert trainer.history.stride > 1
+    (kept,) = book.results(trainer.history)
+    assert kept == settled
+    reread = check(claim, trainer.history)
+    assert reread.measured != settled.measured
+
+
 def test_cli_run_writes_claims_json(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "--preset", "ioffe-fig1", "--steps", "40", "--out", str(out)]) == 0

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import streamlit as st
 
-from bn_core.claims import Claim, check_claims
+from bn_core.claims import ClaimBook
 from bn_core.history import History
 
 _MARK = {True: ":green[**✓**]", False: ":red[**✗**]", None: ":gray[**…**]"}
 
 
-def show_claims(
-    claims: list[Claim], history: History, *, title: str = "What this run shows"
-) -> None:
-    """Check ``claims`` on ``history`` now and list them; nothing when there are none."""
-    if not claims:
+def show_claims(book: ClaimBook, history: History, *, title: str = "What this run shows") -> None:
+    """Check the book's claims on ``history`` now and list them; nothing when there are none."""
+    if not book:
         return
-    results = check_claims(claims, history)
+    results = book.results(history)
     held = sum(r.holds is True for r in results)
     failed = sum(r.holds is False for r in results)
     with st.container(border=True):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from bn_core import export
-from bn_core.claims import check_claims
+from bn_core.claims import ClaimBook
 from bn_core.train import Trainer
 
 _MIME = {
@@ -33,7 +33,8 @@ def _prepare_pack(trainer: Trainer) -> None:
     def progress(done: int, total: int, label: str) -> None:
         bar.progress(done / max(total, 1), text=f"Teaching pack: {label} ({done}/{total})")
 
-    claims = check_claims(st.session_state.get("run_claims", []), trainer.history)
+    book = st.session_state.get("run_claims") or ClaimBook([])
+    claims = book.results(trainer.history)
     data = export.teaching_pack(trainer.history, trainer.config, progress=progress, claims=claims)
     bar.empty()
     name = export.figure_filename(export.PAGE, "teaching-pack", trainer.variant_names, trainer.step)

@@ -11,7 +11,7 @@ from typing import Any
 
 import streamlit as st
 
-from bn_core.claims import load_claims
+from bn_core.claims import ClaimBook, load_claims
 from bn_core.config import (
     NORMS,
     ConfigError,
@@ -93,7 +93,7 @@ def state() -> Any:
             config = load_preset(preset)
             trainer = make_trainer(config)
         ss.preset = preset
-        ss.run_claims = load_claims(preset)
+        ss.run_claims = ClaimBook(load_claims(preset))
         ss.base_config = config
         ss.playing = False
         ss.message = ("warning", "\n\n".join(warnings)) if warnings else None
@@ -133,7 +133,7 @@ def load_uploaded_config(data: bytes) -> None:
     ss.base_config = config
     _fill_widgets(config)
     ss.trainer = trainer
-    ss.run_claims = []  # a config file carries no claims about its outcome
+    ss.run_claims = ClaimBook([])  # a config file carries no claims about its outcome
     ss.playing = False
     ss.message = ("success", "Loaded the uploaded config and started a fresh run with it.")
 
@@ -218,7 +218,7 @@ def reset() -> None:
         ss.message = ("error", f"Reset not applied, the current run is kept. {err}")
         return
     ss.trainer = trainer
-    ss.run_claims = load_claims(ss.preset)
+    ss.run_claims = ClaimBook(load_claims(ss.preset))
     ss.playing = False
     ss.message = ("success", "Started a fresh run with the set-up shown in the sidebar.")
 
