@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -15,49 +16,85 @@ from bench.serve import CHROMIUM, CHROMIUM_ARGS, streamlit_server
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG_RUN_STEPS = int(os.environ.get("BN_LAB_LONG_RUN_STEPS", "100000"))
-_long_run_key = pytest.StashKey[tuple[subprocess.Popen, Path, int]]()
+
+
+def _background_commands(out: Path) -> dict[str, list[str]]:
+    """marker -> the command of the real run its tests read, writing JSON to ``out``."""
+    return {
+        # 100,000 steps (ten times the history's default cap of 1,000 points per series)
+        # take about a minute on one core. The million-step soak is a benchmark:
+        # ``python bench/long_run.py``.
+        "long_run": [
+            sys.executable,
+            str(ROOT / "bench" / "long_run.py"),
+            "--steps",
+            str(LONG_RUN_STEPS),
+            "--warmup",
+            str(min(50_000, LONG_RUN_STEPS // 10)),
+            "--json",
+            str(out),
+        ],
+        # Every preset on seeds 0, 1 and 2 up to its claims' last step: about 90 s.
+        "preset_claims": [
+            sys.executable,
+            str(ROOT / "tests" / "preset_claims.py"),
+            "--json",
+            str(out),
+        ],
+    }
+
+
+_background_key = pytest.StashKey[dict[str, tuple[subprocess.Popen, Path]]]()
 
 
 @pytest.hookimpl(trylast=True)  # after -m / -k deselection
 def pytest_collection_modifyitems(session, config, items):
-    """Start the long headless run (tests/test_long_run.py) in the background right away.
+    """Start the long runs that some tests read (tests/test_long_run.py, the presets'
+    claims in tests/test_claims.py) in background processes right away.
 
-    100,000 steps (ten times the history's default cap of 1,000 points per series) take
-    about a minute on one core; run alongside the rest of the suite (which uses one torch
-    thread), they cost little wall time. The tests that read the result are moved to the
-    end. The million-step soak is a benchmark: ``python bench/long_run.py``.
+    Run alongside the rest of the suite, which uses one torch thread, they take the
+    second core and cost little wall time. The tests that read them are moved to the end.
     """
-    waiting = [item for item in items if item.get_closest_marker("long_run")]
-    if not waiting or config.option.collectonly:
+    if config.option.collectonly:
         return
-    items[:] = [item for item in items if item not in waiting] + waiting
-    out = ROOT / "artifacts" / "long_run.json"
-    out.parent.mkdir(exist_ok=True)
-    out.unlink(missing_ok=True)
-    command = [
-        sys.executable,
-        str(ROOT / "bench" / "long_run.py"),
-        "--steps",
-        str(LONG_RUN_STEPS),
-        "--warmup",
-        str(min(50_000, LONG_RUN_STEPS // 10)),
-        "--json",
-        str(out),
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    config.stash[_long_run_key] = (process, out, LONG_RUN_STEPS)
+    started = {}
+    for marker in ("preset_claims", "long_run"):
+        waiting = [item for item in items if item.get_closest_marker(marker)]
+        if not waiting:
+            continue
+        items[:] = [item for item in items if item not in waiting] + waiting
+        out = ROOT / "artifacts" / f"{marker}.json"
+        out.parent.mkdir(exist_ok=True)
+        out.unlink(missing_ok=True)
+        command = _background_commands(out)[marker]
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        started[marker] = (process, out)
+    config.stash[_background_key] = started
 
 
 def pytest_unconfigure(config):
-    started = config.stash.get(_long_run_key, None)
-    if started is not None and started[0].poll() is None:
-        started[0].kill()
+    for process, _ in config.stash.get(_background_key, {}).values():
+        if process.poll() is None:
+            process.kill()
 
 
 @pytest.fixture(scope="session")
 def long_run(pytestconfig) -> tuple[subprocess.Popen, Path, int]:
     """The background long run: its process, the JSON file it writes, and its length."""
-    return pytestconfig.stash[_long_run_key]
+    process, out = pytestconfig.stash[_background_key]["long_run"]
+    return process, out, LONG_RUN_STEPS
+
+
+@pytest.fixture(scope="session")
+def preset_claims(pytestconfig) -> dict:
+    """Every preset's claims checked on its runs with seeds 0, 1 and 2 (tests/preset_claims.py),
+    once the background process has written them: {preset: {seed: [result, ...]}}."""
+    process, out = pytestconfig.stash[_background_key]["preset_claims"]
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="session")
