@@ -134,7 +134,7 @@ def sweep_panel() -> None:
         row.metric(
             f"Usable learning rates, {label}",
             text,
-            width=260,
+            width=340,  # room for "0.01 – 10 (≥ 1,000×)" in the metric font
             help=f"Did not diverge and ended within {USABLE_WITHIN:.0%} of the sweep's best "
             "accuracy. A range that reaches an end of the grid may go on past it: its "
             "ratio is then a lower bound (≥).",

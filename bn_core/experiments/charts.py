@@ -128,9 +128,9 @@ EXPERIMENT_CHARTS: dict[str, ChartInfo] = {
         ChartInfo(
             "momentum_conventions",
             "Running mean, three update rules",
-            "PyTorch's m = 0.1 and Keras' m = 0.9 are the same rule, so their lines lie on "
-            "top of each other. Putting 0.9 into PyTorch's formula weights the newest "
-            "batch 90%: the 'average' just follows the noisy batch means.",
+            "PyTorch's m and Keras' m_K = 1 − m are the same rule, so their lines lie on "
+            "top of each other. Putting m_K into PyTorch's formula weights the newest "
+            "batch by m_K (90% for m = 0.1): the 'average' just follows the noisy batch means.",
         ),
         ChartInfo(
             "batch_size_noise",
