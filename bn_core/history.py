@@ -354,6 +354,15 @@ class History:
         with self._lock:
             return self._edges[kind].copy()
 
+    def keeps(self, step: int) -> bool:
+        """Whether scalars recorded at ``step`` would be stored: the stride drops the rest,
+        so a recorder can skip measuring them."""
+        return step % self._stride == 0
+
+    def keeps_histograms(self, step: int) -> bool:
+        """Whether histograms recorded at ``step`` would be stored."""
+        return step % self._hist_stride == 0
+
     def add_histogram(
         self, step: int, variant: str, layer: str, kind: str, counts: np.ndarray
     ) -> None:

@@ -113,7 +113,9 @@ class Telemetry:
         The weights are kept as they are now, so ``after_update`` can measure the step the
         optimizer actually takes."""
         rows: Rows = {v: [("", "loss", loss[v])] for v in running}
-        if self.measure_layers and running:
+        # A long run's bounded History keeps only every stride-th step: measuring the
+        # others would be work it throws away.
+        if self.measure_layers and running and self.history.keeps(step):
             self._gradient_measures(running, records, rows)
             self._probe(step, running, rows)
             self._weights_before = [s.weight.detach().clone() for s in self.model.layer_stacks()]
@@ -190,6 +192,7 @@ class Telemetry:
         idx = None if every else torch.tensor(running, device=self.x_probe.device)
         h, bins = cfg.hist_range, cfg.hist_bins
         lo, hi = postact_range(cfg.activation, h)
+        keep_histograms = self.history.keeps_histograms(step)
         # Layers of one size are measured as one block of (layers x variants) rows, so a
         # logged step costs the same few tensor ops however deep the net (conv and fc
         # layers differ in size and form separate blocks).
@@ -209,7 +212,10 @@ class Telemetry:
             # One unit (one channel of a conv layer), as Fig. 1 follows one sigmoid.
             unit = preact[:, :, cfg.probe_unit].flatten(1)
             pre_hist, clipped = row_histogram(pre, -h, h, bins)
-            post_hist, _ = row_histogram(post.flatten(1), lo, hi, bins)
+            histograms = None
+            if keep_histograms:
+                post_hist, _ = row_histogram(post.flatten(1), lo, hi, bins)
+                histograms = (pre_hist.cpu().numpy(), post_hist.cpu().numpy())
             saturated = saturation_fraction(post, cfg.activation, cfg.saturation_threshold)
             columns = torch.cat(
                 [
@@ -223,16 +229,16 @@ class Telemetry:
                 dim=1,
             )
             table = columns.double().cpu().numpy()  # (layers * variants, PROBE_METRICS)
-            pre_hist, post_hist = pre_hist.cpu().numpy(), post_hist.cpu().numpy()
             for i, (li, ri) in enumerate(itertools.product(layer_ids, range(len(running)))):
                 name, v = self.model.layer_names[li], running[ri]
                 rows[v] += [
                     (name, metric, float(value))
                     for metric, value in zip(PROBE_METRICS, table[i], strict=True)
                 ]
-                variant = self.variant_names[v]
-                self.history.add_histogram(step, variant, name, "preact", pre_hist[i])
-                self.history.add_histogram(step, variant, name, "postact", post_hist[i])
+                if histograms is not None:
+                    variant = self.variant_names[v]
+                    for kind, counts in zip(("preact", "postact"), histograms, strict=True):
+                        self.history.add_histogram(step, variant, name, kind, counts[i])
 
     # --- an evaluation --------------------------------------------------------------------
     @torch.no_grad()

@@ -657,3 +657,28 @@ def test_default_live_run_trains_every_bn_layer_through_the_one_function(monkeyp
     assert calls["backward"] == 20 * len(bn_modules)
     for m in bn_modules:
         assert m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+
+
+def test_steps_the_bounded_history_drops_are_not_measured_and_nothing_changes(digits):
+    # With 12 points per series the history thins from step 60 on (probes every 5 steps)
+    # and the trainer stops measuring the steps it would drop; what it keeps must equal
+    # the same steps of a run that measured everything.
+    cfg = small(steps=200, eval_every=1000)
+    bounded = Trainer(cfg.replace(max_points=12, max_histograms=10), digits)
+    full = Trainer(cfg.replace(max_points=10_000, max_histograms=10_000), digits)
+    measured = []
+    probe = bounded.telemetry._probe
+    bounded.telemetry._probe = lambda step, *a: (measured.append(step), probe(step, *a))
+    bounded.advance(steps=200)
+    full.advance(steps=200)
+    assert bounded.history.stride > 1 and len(measured) < 200 // 5
+    assert all(step % bounded.history.stride == 0 for step in measured[-3:])
+    for variant in bounded.variant_names:
+        for metric in ("preact_p50", "unit_p85", "grad_norm", "update_ratio", "saturation"):
+            steps, values = bounded.history.series(variant, "layer2", metric)
+            all_steps, all_values = full.history.series(variant, "layer2", metric)
+            assert len(steps) > 3
+            np.testing.assert_array_equal(values, all_values[np.isin(all_steps, steps)])
+        steps, counts = bounded.history.histograms(variant, "layer1", "postact")
+        all_steps, all_counts = full.history.histograms(variant, "layer1", "postact")
+        np.testing.assert_array_equal(counts, all_counts[np.isin(all_steps, steps)])
