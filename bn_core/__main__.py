@@ -118,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     trainer.history.save_histograms_npz(args.out / "histograms.npz")
     events = [e.__dict__ for e in trainer.history.events]
     (args.out / "events.json").write_text(json.dumps(events, indent=2) + "\n")
-    results = claims.results(trainer.history)
+    results = claims.results(trainer.history, final=True)
     (args.out / "claims.json").write_text(claims_json(results))
     print(f"wrote {args.out}/config.json, metrics.csv, histograms.npz, events.json, claims.json")
     for result in results:
@@ -160,7 +160,7 @@ def _export(args: argparse.Namespace) -> int:
             bar.set_postfix_str(label[-40:])
             bar.refresh()
 
-        results = claims.results(history) if args.run is None else []
+        results = claims.results(history, final=True) if args.run is None else []
         paths = export.write_export(
             history, config, args.out, formats, progress=progress, claims=results
         )

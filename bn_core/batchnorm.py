@@ -65,8 +65,10 @@ class BatchNormFunction(torch.autograd.Function):
             # running = (1 - f) * running + f * batch, PyTorch's contract: the variance
             # enters unbiased, var * m / (m - 1).
             running_mean, running_var, f = running
-            running_mean.lerp_(mu.view_as(running_mean), f)
-            running_var.lerp_(var.view_as(running_var) * (m / (m - 1)), f)
+            # .to: a float64 input may train a float32 layer (the buffers keep their dtype)
+            running_mean.lerp_(mu.view_as(running_mean).to(running_mean.dtype), f)
+            unbiased = var.view_as(running_var) * (m / (m - 1))
+            running_var.lerp_(unbiased.to(running_var.dtype), f)
         ctx.save_for_backward(x_hat, inv_std, gamma)
         ctx.dims, ctx.m, ctx.grad_through_stats = dims, m, grad_through_stats
         return y
@@ -119,6 +121,11 @@ def batch_norm_train(
     the statistics as (C,) vectors and var_B biased."""
     # Running statistics with f = 1 become the batch's own: mu_B and the unbiased var_B.
     C, m = x.shape[1], x.numel() // x.shape[1]
+    if m < 2:
+        raise ValueError(
+            f"batch_norm_train input has shape {tuple(x.shape)}: batch statistics need more "
+            "than one value per channel"
+        )
     mu = torch.zeros(C, dtype=x.dtype, device=x.device)
     var = torch.zeros(C, dtype=x.dtype, device=x.device)
     y = BatchNormFunction.apply(

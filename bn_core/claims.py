@@ -92,10 +92,10 @@ QUANTITIES: dict[str, Quantity] = {
     ),
     # The largest and smallest value logged up to ``at``.
     "max": lambda h, v, layer, m, at: (
-        float(x.max()) if (x := _upto(*h.series(v, layer, m), at)).size else None
+        float(x.max()) if (x := _finite(_upto(*h.series(v, layer, m), at))).size else None
     ),
     "min": lambda h, v, layer, m, at: (
-        float(x.min()) if (x := _upto(*h.series(v, layer, m), at)).size else None
+        float(x.min()) if (x := _finite(_upto(*h.series(v, layer, m), at))).size else None
     ),
     # The median of the values logged up to ``at`` (NaNs left out).
     "median": lambda h, v, layer, m, at: (
@@ -145,7 +145,6 @@ class Claim:
     compare: str = "value"
     at_least: float | None = None
     at_most: float | None = None
-    assumes: str = ""  # a condition of the set-up the sentence relies on
 
     def __post_init__(self) -> None:
         where = f"claim {self.says[:40]!r}"
@@ -263,11 +262,22 @@ def _resolve_layer(history: History, variant: str, layer: str) -> str | None:
     return layers[0] if layer == "first" else layers[-1]
 
 
-def check(claim: Claim, history: History) -> ClaimResult:
-    """Measure ``claim`` on ``history``: its numbers, and whether it holds."""
+def check(claim: Claim, history: History, *, final: bool = False) -> ClaimResult:
+    """Measure ``claim`` on ``history``: its numbers, and whether it holds.
+
+    A claim about step N waits until the run is past step N (``final``: the run has
+    ended), so the measurements taken at step N itself are in. A variant that diverged
+    by step N contradicts every claim about it.
+    """
     missing = [v for v in claim.variants if v not in history.variants()]
     if missing:
         return ClaimResult(claim, reason=f"this run has no {missing[0]} variant")
+    for v in claim.variants:
+        steps, _ = history.series(v, "", "diverged")
+        if len(steps) and steps[0] <= claim.at:
+            return ClaimResult(claim, holds=False, reason=f"{v} diverged at step {int(steps[0]):,}")
+    last = history.last_step() or 0
+    settled = last > claim.at or (final and last >= claim.at)
     measured: dict[str, float] = {}
     values: list[float] = []  # one per operand, even where two operands share a name
     for v, wanted in claim.operands:
@@ -276,18 +286,20 @@ def check(claim: Claim, history: History) -> ClaimResult:
         if layer is not None:
             value = QUANTITIES[claim.quantity](history, v, layer, claim.metric, claim.at)
         if value is None or not math.isfinite(value):
-            return ClaimResult(claim, measured, reason=f"no {claim.metric} measured for {v} yet")
+            why = "yet" if not settled else "on this run"
+            return ClaimResult(claim, measured, reason=f"{claim.metric} of {v} not measured {why}")
         measured[claim.operand_name(v, wanted)] = value
         values.append(value)
     if claim.compare == "value":
         value = values[0]
     elif claim.compare == "difference":
         value = values[0] - values[1]
+    elif values[1] == 0:
+        return ClaimResult(claim, measured, reason="the ratio's denominator is 0 on this run")
     else:
-        value = values[0] / values[1] if values[1] else math.inf
+        value = values[0] / values[1]
     measured["value"] = value
-    last = history.last_step() or 0
-    if last < claim.at:
+    if not settled:
         return ClaimResult(
             claim, measured, reason=f"checked at step {claim.at:,}; the run is at step {last:,}"
         )
@@ -297,8 +309,10 @@ def check(claim: Claim, history: History) -> ClaimResult:
     return ClaimResult(claim, measured, holds=holds)
 
 
-def check_claims(claims: list[Claim], history: History) -> list[ClaimResult]:
-    return [check(c, history) for c in claims]
+def check_claims(
+    claims: list[Claim], history: History, *, final: bool = False
+) -> list[ClaimResult]:
+    return [check(c, history, final=final) for c in claims]
 
 
 class ClaimBook:
@@ -317,10 +331,11 @@ class ClaimBook:
     def __bool__(self) -> bool:
         return bool(self.claims)
 
-    def results(self, history: History) -> list[ClaimResult]:
+    def results(self, history: History, *, final: bool = False) -> list[ClaimResult]:
+        """Each claim's result; ``final``: the run has ended, settle what can be."""
         out = []
         for i, claim in enumerate(self.claims):
-            result = self._settled.get(i) or check(claim, history)
+            result = self._settled.get(i) or check(claim, history, final=final)
             if result.holds is not None:
                 self._settled[i] = result
             out.append(result)

@@ -115,7 +115,8 @@ class Telemetry:
         rows: Rows = {v: [("", "loss", loss[v])] for v in running}
         # A long run's bounded History keeps only every stride-th step: measuring the
         # others would be work it throws away.
-        if self.measure_layers and running and self.history.keeps(step):
+        keeps = self.history.keeps(step) or self.history.keeps_histograms(step)
+        if self.measure_layers and running and keeps:
             self._gradient_measures(running, records, rows)
             self._probe(step, running, rows)
             self._weights_before = [s.weight.detach().clone() for s in self.model.layer_stacks()]
@@ -193,13 +194,13 @@ class Telemetry:
         h, bins = cfg.hist_range, cfg.hist_bins
         lo, hi = postact_range(cfg.activation, h)
         keep_histograms = self.history.keeps_histograms(step)
-        # Layers of one size are measured as one block of (layers x variants) rows, so a
+        # Layers of one shape are measured as one block of (layers x variants) rows, so a
         # logged step costs the same few tensor ops however deep the net (conv and fc
-        # layers differ in size and form separate blocks).
-        by_size: dict[int, list[int]] = {}
+        # layers differ in shape and form separate blocks).
+        by_shape: dict[tuple[int, ...], list[int]] = {}
         for li, rec in enumerate(records):
-            by_size.setdefault(rec.preact[0].numel(), []).append(li)
-        for layer_ids in by_size.values():
+            by_shape.setdefault(tuple(rec.preact.shape), []).append(li)
+        for layer_ids in by_shape.values():
 
             def block(values: list[torch.Tensor], layer_ids=layer_ids) -> torch.Tensor:
                 """(layers * variants, ...): the running variants' rows, layer by layer."""

@@ -359,6 +359,8 @@ class Trainer:
     def _mark_diverged(self, v: int) -> None:
         self.status[v].state = "diverged"
         self.status[v].diverged_at = self.step
+        # In the history too, so what is said about the run afterwards (claims) knows.
+        self.history.add(self.step, self.status[v].name, "", "diverged", float(self.step))
         self.optimizer.set_lrs(self._lrs())  # a diverged variant stops moving
 
     def _accumulate_loss(self, loss_values: list[float]) -> None:

@@ -207,8 +207,8 @@ else:
     row.metric(
         "Min ‖dL/db‖, naive",
         charts.sci_format(grad_range["batchnorm-naive"][0]),
-        help="batchnorm-naive, the smallest over all layers and steps. The push shrinks "
-        "as training goes on, but stays far above the correct gradient's rounding.",
+        help="batchnorm-naive, the smallest over all layers and steps: compare it with the "
+        "correct gradient's largest, left.",
         width=METRIC_WIDTH,
     )
     push = net.series("batchnorm-naive", "bias_grad_norm")[0]
@@ -227,6 +227,7 @@ else:
     show_claims(
         ClaimBook(load_claims(NET_PRESET)),
         net.history,
+        finished=True,
         title=f"What this run shows (the {NET_PRESET} preset's claims, checked)",
     )
     show_chart(charts.network_bias_norms(net), "network_bias_norms", trainer=net.trainer, page=PAGE)

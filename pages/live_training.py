@@ -281,7 +281,12 @@ def draw_panel(trainer: Trainer) -> None:
         show_chart(figures.grad_norms(history), "grad_norms", trainer)
     elif view == "Update:data ratio":
         show_chart(figures.update_ratio(history), "update_ratio", trainer)
-    show_claims(ss.run_claims, history, title="What this run shows (the preset's claims, checked)")
+    show_claims(
+        ss.run_claims,
+        history,
+        finished=trainer.finished,
+        title="What this run shows (the preset's claims, checked)",
+    )
 
 
 # In a container of its own: the panel's element count changes between its reruns, and

@@ -92,7 +92,7 @@ def preset_claims(pytestconfig) -> dict:
     """Every preset's claims checked on its runs with seeds 0, 1 and 2 (tests/preset_claims.py),
     once the background process has written them: {preset: {seed: [result, ...]}}."""
     process, out = pytestconfig.stash[_background_key]["preset_claims"]
-    output, _ = process.communicate(timeout=600)
+    output, _ = process.communicate(timeout=1700)
     assert process.returncode == 0, output
     return json.loads(out.read_text())
 

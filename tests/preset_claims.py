@@ -30,9 +30,10 @@ def preset_results(preset: str, seed: int) -> list[dict]:
     steps = max(claim.at for claim in book.claims)
     trainer = make_trainer(load_preset(preset).replace(seed=seed, steps=steps, device="cpu"))
     trainer.advance(steps=steps)
+    assert trainer.finished
     return [
         {**r.to_dict(), "otherwise": r.claim.otherwise, "mark": r.mark}
-        for r in book.results(trainer.history)
+        for r in book.results(trainer.history, final=True)
     ]
 
 

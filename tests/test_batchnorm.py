@@ -654,3 +654,18 @@ def test_non_contiguous_input_matches_torch(shape):
     ours, ref = make_pair(shape, gen)
     assert_runs_match(ours, ref, x, dy)
     assert_buffers_match(ours, ref)
+
+
+def test_float64_input_trains_a_float32_layer_and_keeps_its_buffers_float32():
+    x = torch.randn(8, 3, dtype=F64) * 3 + 1
+    ours, ref = BatchNorm(3), nn.BatchNorm1d(3, dtype=F64)
+    y = ours(x)
+    assert y.dtype == F64 and ours.running_mean.dtype == torch.float32
+    assert_close(y, ref(x), rtol=1e-6, atol=1e-6)
+    assert_close(ours.running_mean.double(), ref.running_mean, rtol=1e-6, atol=1e-7)
+    assert_close(ours.running_var.double(), ref.running_var, rtol=1e-6, atol=1e-7)
+
+
+def test_functional_batch_norm_refuses_one_value_per_channel():
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        batch_norm_train(torch.randn(1, 4), None, None)

@@ -35,6 +35,7 @@ SEEDS = (0, 1, 2)
 # --- every preset's claims hold on its own run, for three seeds ----------------------------
 # The 24 runs happen in tests/preset_claims.py, which conftest starts in the background.
 @pytest.mark.preset_claims
+@pytest.mark.timeout(1800)  # waits for the background runs on a busy machine
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_claims_hold_on_its_default_run(preset_claims, preset, seed):
@@ -66,10 +67,10 @@ def test_a_claim_fails_when_the_run_breaks_its_threshold():
         trainer.advance(steps=300)
         return trainer.history
 
-    held = check_claims(claims, run(0.5))
+    held = check_claims(claims, run(0.5), final=True)
     assert [r.holds for r in held] == [True, True], [r.measured for r in held]
 
-    broken = check_claims(claims, run(1e-4))
+    broken = check_claims(claims, run(1e-4), final=True)
     for result, claim in zip(broken, claims, strict=True):
         assert result.holds is False, f"{claim.says}: {result.measured_text()}"
         assert result.sentence == claim.otherwise
@@ -138,7 +139,7 @@ def test_each_quantity_equals_a_hand_computation(history, at):
         metric = "unit" if quantity.startswith("width") else "m"
         result = check(claim(quantity, metric, at=at), history)
         if value is None:  # one logged value: no jump to average
-            assert result.holds is None and "no m measured" in result.reason
+            assert result.holds is None and "m of a not measured" in result.reason
             continue
         assert result.holds is True, (quantity, result.reason)
         assert result.measured["a"] == pytest.approx(float(value), rel=1e-12), quantity
@@ -178,7 +179,12 @@ def test_a_claim_is_pending_until_the_run_reaches_its_step(history):
     assert result.reason == "checked at step 1,000; the run is at step 45"
     assert result.measured["a"] == VALUES["m"][-1]  # the numbers so far are shown
     assert result.sentence == "says"
+    # At step 1,000 itself the measurements due at that step are not in yet...
     history.note_step(1000)
+    assert check(claim("at", at=1000, at_least=0.0), history).holds is None
+    # ...unless the run ended there; once past it, the claim is settled.
+    assert check(claim("at", at=1000, at_least=0.0), history, final=True).holds is True
+    history.note_step(1001)
     assert check(claim("at", at=1000, at_least=0.0), history).holds is True
 
 
@@ -186,9 +192,36 @@ def test_a_missing_variant_or_metric_leaves_the_claim_unchecked(history):
     missing = check(claim("at", variants=("a", "plain"), compare="ratio"), history)
     assert missing.holds is None and missing.reason == "this run has no plain variant"
     unmeasured = check(claim("at", metric="loss"), history)
-    assert unmeasured.holds is None and unmeasured.reason == "no loss measured for a yet"
+    assert unmeasured.holds is None and unmeasured.reason == "loss of a not measured on this run"
     # "first" and "last" resolve to the variant's layers; a run-level metric has layer "".
     assert check(claim("at", layer="last"), history).measured["a"] == VALUES["m"][3]
+
+
+def test_a_variant_that_diverged_by_the_claims_step_contradicts_it(history):
+    history.add(20, "b", "", "diverged", 20.0)
+    result = check(claim("at", variants=("a", "b"), compare="difference"), history)
+    assert result.holds is False and result.reason == "b diverged at step 20"
+    assert result.sentence == "otherwise"
+    # A divergence after the step the claim is about does not touch it.
+    assert check(claim("at", variants=("b",), at=10), history).holds is True
+
+
+def test_a_zero_denominator_leaves_the_ratio_unchecked(history):
+    history.add_many(30, "b", [("l1", "zero", 0.0)])
+    history.add_many(30, "a", [("l1", "zero", 1.0)])
+    result = check(claim("at", "zero", variants=("a", "b"), compare="ratio"), history)
+    assert result.holds is None and "denominator is 0" in result.reason
+
+
+def test_a_diverging_run_records_its_divergence_for_the_claims():
+    from small_runs import diverging_config
+
+    trainer = make_trainer(diverging_config())
+    trainer.advance(steps=60)
+    plain = trainer.status[trainer.variant_names.index("plain")]
+    assert plain.state == "diverged"
+    steps, _ = trainer.history.series("plain", "", "diverged")
+    assert steps.tolist() == [plain.diverged_at]
 
 
 @pytest.mark.parametrize(

@@ -178,11 +178,11 @@ def test_ics_page_checks_the_presets_claims_on_its_run(ics_page):
         assert c.says in line or c.otherwise in line, c.says
         assert f"holds when {c.threshold}" in line
         assert f"checked at step {c.at:,}; the run is at step {step:,}" in line
-    # The prose says the smoother landscape is Santurkar et al.'s report, and which part
-    # of it this net reproduces; the noise note says what evaluation mode does.
+    # The prose says the smoother landscape is Santurkar et al.'s report, and leaves what
+    # this run reproduces to the checked claims; the noise note says what evaluation does.
     text = "\n".join(markdown)
     assert "They report that what BN does change is the landscape" in text
-    assert "effective β-smoothness is *larger* with BN" in text
+    assert "reproduces on your run, measured" in text
     assert "scale (low + high) / 2, 1.125 here, and shift 0" in captions(at)
 
 

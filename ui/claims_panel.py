@@ -10,11 +10,14 @@ from bn_core.history import History
 _MARK = {True: ":green[**✓**]", False: ":red[**✗**]", None: ":gray[**…**]"}
 
 
-def show_claims(book: ClaimBook, history: History, *, title: str = "What this run shows") -> None:
-    """Check the book's claims on ``history`` now and list them; nothing when there are none."""
+def show_claims(
+    book: ClaimBook, history: History, *, finished: bool, title: str = "What this run shows"
+) -> None:
+    """Check the book's claims on ``history`` now and list them; nothing when there are none.
+    ``finished``: the run has ended, so a claim about its last step can be settled."""
     if not book:
         return
-    results = book.results(history)
+    results = book.results(history, final=finished)
     held = sum(r.holds is True for r in results)
     failed = sum(r.holds is False for r in results)
     with st.container(border=True):

@@ -34,7 +34,7 @@ def _prepare_pack(trainer: Trainer) -> None:
         bar.progress(done / max(total, 1), text=f"Teaching pack: {label} ({done}/{total})")
 
     book = st.session_state.get("run_claims") or ClaimBook([])
-    claims = book.results(trainer.history)
+    claims = book.results(trainer.history, final=trainer.finished)
     data = export.teaching_pack(trainer.history, trainer.config, progress=progress, claims=claims)
     bar.empty()
     name = export.figure_filename(export.PAGE, "teaching-pack", trainer.variant_names, trainer.step)
