@@ -65,10 +65,13 @@ class BatchNormFunction(torch.autograd.Function):
             # running = (1 - f) * running + f * batch, PyTorch's contract: the variance
             # enters unbiased, var * m / (m - 1).
             running_mean, running_var, f = running
-            # .to: a float64 input may train a float32 layer (the buffers keep their dtype)
-            running_mean.lerp_(mu.view_as(running_mean).to(running_mean.dtype), f)
-            unbiased = var.view_as(running_var) * (m / (m - 1))
-            running_var.lerp_(unbiased.to(running_var.dtype), f)
+            batch_mean, unbiased_var = mu.view_as(running_mean), var.view_as(running_var)
+            unbiased_var = unbiased_var * (m / (m - 1))
+            if batch_mean.dtype != running_mean.dtype:  # a float64 input, a float32 layer
+                batch_mean = batch_mean.to(running_mean.dtype)
+                unbiased_var = unbiased_var.to(running_var.dtype)
+            running_mean.lerp_(batch_mean, f)
+            running_var.lerp_(unbiased_var, f)
         ctx.save_for_backward(x_hat, inv_std, gamma)
         ctx.dims, ctx.m, ctx.grad_through_stats = dims, m, grad_through_stats
         return y
