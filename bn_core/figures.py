@@ -150,7 +150,8 @@ CHARTS: dict[str, ChartInfo] = {
             "The 15th, 50th and 85th percentiles of the input to the nonlinearity over "
             "training, on a fixed probe batch in training mode (BN uses that batch's "
             "statistics). Compare how far the band's centre and width move with and without "
-            "BN; the checked claims beside the chart give this run's numbers.",
+            "BN; where the preset makes claims about them, the checked claims beside the "
+            "chart give this run's numbers.",
         ),
         ChartInfo(
             "update_ratio",

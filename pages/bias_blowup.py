@@ -1,6 +1,5 @@
 """Bias blow-up (Ioffe & Szegedy, section 2): why BN's gradient must go through the batch mean."""
 
-import numpy as np
 import streamlit as st
 
 from bn_core import figures
@@ -211,19 +210,17 @@ else:
         "correct gradient's largest, left.",
         width=METRIC_WIDTH,
     )
-    push = net.series("batchnorm-naive", "bias_grad_norm")[0]
-    push = push[np.isfinite(push)]
-    if push.size:
-        row.metric(
-            f"Naive push, {net.layers[0]}",
-            charts.sci_format(push[-1]),
-            delta=f"{charts.sci_format(push[0])} at step 0",
-            delta_color="off",
-            delta_arrow="off",
-            help=f"‖dL/db‖ of {net.layers[0]}'s bias at the last step trained, and at the "
-            "first: the push shrinks, so the drift slows.",
-            width=METRIC_WIDTH,
-        )
+    first, last = net.first_and_last("batchnorm-naive", "bias_grad_norm")
+    row.metric(
+        f"Naive push, {net.layers[0]}",
+        charts.sci_format(last),
+        delta=f"{charts.sci_format(first)} at step 0",
+        delta_color="off",
+        delta_arrow="off",
+        help=f"‖dL/db‖ of {net.layers[0]}'s bias at the last step trained, and at the "
+        "first: the push shrinks, so the drift slows.",
+        width=METRIC_WIDTH,
+    )
     show_claims(
         ClaimBook(load_claims(NET_PRESET)),
         net.history,

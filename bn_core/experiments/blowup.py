@@ -263,6 +263,12 @@ class NetworkBlowup:
         """(layers, steps) array of ``bias_norm`` or ``bias_grad_norm`` of one variant."""
         return getattr(self, metric)[self.variants.index(variant)]
 
+    def first_and_last(self, variant: str, metric: str, layer: int = 0) -> tuple[float, float]:
+        """One layer's ``metric`` at the first and the last step it was measured (NaN if never)."""
+        values = self.series(variant, metric)[layer]
+        values = values[np.isfinite(values)]
+        return (float(values[0]), float(values[-1])) if values.size else (math.nan, math.nan)
+
     def bias_grad_range(self) -> dict[str, tuple[float, float]]:
         """{variant: (smallest, largest) ‖dL/db‖ over all layers and steps}; NaN if no steps."""
         out = {}
