@@ -33,6 +33,7 @@ __all__ = [
     "LayerStack",
     "LockstepLeNet",
     "LockstepMLP",
+    "batch_statistics_pass",
     "build_model",
     "make_norm",
     "noise_settings",
@@ -522,6 +523,29 @@ def preserved_state(model: nn.Module, params: Sequence[torch.Tensor]) -> Iterato
             for b, v in zip(buffers, saved, strict=True):
                 b.copy_(v)
         if noise:  # a model with noisy BN layers
+            set_noise_states(model, noise)
+
+
+@contextmanager
+def batch_statistics_pass(model: nn.Module) -> Iterator[None]:
+    """Extra train-mode passes that normalize with their own batch's statistics and leave
+    the running averages, their counters and the noise generators of noisy BN untouched.
+
+    Cheaper than ``preserved_state`` for a measurement pass: BN layers simply stop tracking
+    for its duration (in training mode they then neither read nor update their buffers),
+    so no buffer is copied and restored.
+    """
+    layers = [m for m in model.modules() if getattr(m, "running_mean", None) is not None]
+    tracking = [m.track_running_stats for m in layers]
+    noise = noise_states(model)
+    for m in layers:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, tracked in zip(layers, tracking, strict=True):
+            m.track_running_stats = tracked
+        if noise:
             set_noise_states(model, noise)
 
 

@@ -88,7 +88,7 @@ def row_percentiles(rows: torch.Tensor, percentiles: tuple[float, ...]) -> torch
     bins = PERCENTILE_BINS
     low, high = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)
     width = (high - low).clamp_min(torch.finfo(rows.dtype).tiny) / bins
-    counts = _bin_counts((rows - low) / width, bins)
+    counts = _bin_counts((rows - low).div_(width), bins)
     upto = counts.cumsum(1)  # values in bins 0..b
     lo, hi, frac = _ranks(n, tuple(percentiles), rows.dtype, rows.device)
     # The value of 0-based rank k lies in the first bin b holding more than k values up to
@@ -110,11 +110,15 @@ def row_percentiles(rows: torch.Tensor, percentiles: tuple[float, ...]) -> torch
 def _bin_counts(scaled: torch.Tensor, bins: int) -> torch.Tensor:
     """(rows, bins) counts of a (rows, n) tensor of positions in bin widths: the value at
     position p is counted in bin floor(p), those below 0 or at bins and above in the end
-    bins, NaN in the last."""
-    index = scaled.floor_().clamp_(0, bins - 1).nan_to_num_(bins - 1).long()
-    one = torch.ones((), dtype=torch.long, device=index.device).expand_as(index)
-    counts = torch.zeros(index.shape[0], bins, dtype=torch.long, device=index.device)
-    return counts.scatter_add_(1, index, one)
+    bins, NaN in the last. ``scaled`` is overwritten."""
+    rows = scaled.shape[0]
+    # Clamped to [0, bins - 1] first, so truncation to an integer is floor and nothing
+    # overflows it. One bincount over row-offset indices counts every row at once; in
+    # int32 it took 0.26 of the 0.61 ms that scatter_add_ over int64 indices took for the
+    # default run's (6, 30,000) block.
+    index = scaled.clamp_(0, bins - 1).nan_to_num_(bins - 1).to(torch.int32)
+    index += torch.arange(0, rows * bins, bins, dtype=torch.int32, device=index.device)[:, None]
+    return torch.bincount(index.view(-1), minlength=rows * bins).view(rows, bins)
 
 
 def row_histogram(
@@ -125,7 +129,7 @@ def row_histogram(
     (below low, or at or above high)."""
     # Two extra bins catch what lies outside, then fold into the end bins: cheaper than
     # comparing every value with low and high again.
-    counts = _bin_counts((rows - low) * (bins / (high - low)) + 1, bins + 2)
+    counts = _bin_counts((rows - low).mul_(bins / (high - low)).add_(1), bins + 2)
     below, above = counts[:, 0], counts[:, -1]
     outside = (below + above) / rows.shape[1]
     inner = counts[:, 1:-1].clone()

@@ -12,7 +12,6 @@ Rows reach the History as (layer, metric, value) per variant; layer "" is the wh
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +19,7 @@ from torch import nn
 
 from bn_core.config import RunConfig
 from bn_core.history import History
-from bn_core.models import LayerRecord, preserved_state
+from bn_core.models import LayerRecord, batch_statistics_pass, preserved_state
 from bn_core.probes import (
     BAND_PERCENTILES,
     FIG1_PERCENTILES,
@@ -136,15 +135,15 @@ class Telemetry:
             return
         names = self.model.layer_names
         after = [s.weight for s in self.model.layer_stacks()]
-        ratios = torch.stack(
-            [
-                torch.log10(row_std((a - b).flatten(1)) / row_std(b.flatten(1))).float()
-                for a, b in zip(after, before, strict=True)
-            ]
-        ).cpu()  # (layers, variants)
-        # A layer that did not move reads -inf: log10(0).
+        ratios = []
+        for a, b in zip(after, before, strict=True):
+            # std(W_{t+1} - W_t) and std(W_t) of every variant as one block of 2V rows
+            std = row_std(torch.stack([a - b, b]).flatten(2).flatten(0, 1)).view(2, -1)
+            ratios.append(std[0] / std[1])
+        # (layers, variants); a layer that did not move reads -inf: log10(0).
+        table = torch.log10(torch.stack(ratios)).tolist()
         rows: Rows = {
-            v: [(name, "update_ratio", float(ratios[li, v])) for li, name in enumerate(names)]
+            v: [(name, "update_ratio", table[li][v]) for li, name in enumerate(names)]
             for v in running
         }
         self.write(step, rows)
@@ -153,41 +152,36 @@ class Telemetry:
     def _gradient_measures(
         self, running: list[int], records: list[LayerRecord], rows: Rows
     ) -> None:
-        per_layer = []
-        for stack, rec in zip(self.model.layer_stacks(), records, strict=True):
-            W, G = stack.weight.flatten(1), stack.weight_grad.flatten(1)
-            out_grad = rec.output.grad
-            columns = [
-                G.norm(dim=1),
-                stack.bias.norm(dim=1),
-                stack.bias_grad.norm(dim=1),
-                torch.full((W.shape[0],), math.nan, device=W.device)
-                if out_grad is None
-                else out_grad.reshape(out_grad.shape[0], -1).norm(dim=1),
-            ]
-            per_layer.append(torch.stack([c.float() for c in columns], dim=1))
-        table = torch.stack(per_layer).cpu().numpy()  # (layers, variants, 4)
-        for li, name in enumerate(self.model.layer_names):
+        """Per layer and variant: the norms of the weight gradient, the bias, the bias
+        gradient and the gradient of the layer's output."""
+        V = len(self.variant_names)
+        kinds = ("grad_norm", "bias_norm", "bias_grad_norm", "out_grad_norm")
+        tensors, keys = [], []  # one tensor per norm; (layer name, metric) of each block
+        for stack, rec, name in zip(
+            self.model.layer_stacks(), records, self.model.layer_names, strict=True
+        ):
+            out_grad = rec.output.grad  # None when the output was not watched
+            blocks = (stack.weight_grad, stack.bias, stack.bias_grad, out_grad)
+            for metric, block in zip(kinds, blocks, strict=True):
+                if block is not None:
+                    tensors += block.unbind(0)  # one tensor per variant
+                    keys.append((name, metric))
+        # Every norm of the step in one fused call: the cost is the number of ops.
+        norms = torch.stack(torch._foreach_norm(tensors)).float().view(-1, V).tolist()
+        for (name, metric), per_variant in zip(keys, norms, strict=True):
+            # bias_grad_norm is 0 (to rounding) when BN follows: the bias is redundant there.
             for v in running:
-                grad_norm, bias_norm, bias_grad_norm, out_grad_norm = table[li, v]
-                rows[v] += [
-                    (name, "grad_norm", float(grad_norm)),
-                    (name, "bias_norm", float(bias_norm)),
-                    # Zero (to rounding) when BN follows: the bias is redundant before BN.
-                    (name, "bias_grad_norm", float(bias_grad_norm)),
-                ]
-                if math.isfinite(out_grad_norm):
-                    rows[v].append((name, "out_grad_norm", float(out_grad_norm)))
+                rows[v].append((name, metric, per_variant[v]))
 
     @torch.no_grad()
     def _probe(self, step: int, running: list[int], rows: Rows) -> None:
         """Distributions on the fixed probe batch, BN using that batch's statistics.
 
         Measuring on one fixed batch keeps batch-to-batch noise out of the curves, and the
-        BN buffers are restored so the measurement leaves training untouched.
+        running averages are left alone, so the measurement leaves training untouched.
         """
         cfg = self.config
-        with preserved_state(self.model, []):
+        with batch_statistics_pass(self.model):
             _, records = self.model(self.x_probe, record=True)
         every = len(self.variant_names) == len(running)
         idx = None if every else torch.tensor(running, device=self.x_probe.device)
