@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "BATCH_NORMS",
     "NORMS",
     "PRESET_DIR",
     "ConfigError",
@@ -41,7 +42,12 @@ NORMS: dict[str, str] = {
     "batchnorm-naive": "our BatchNorm, batch statistics held constant in the gradient",
     "batchnorm-torch": "torch.nn.BatchNorm1d/2d, as a reference line",
     "batchnorm-noisy": "our BatchNorm, then random shift and scale each step (Santurkar et al.)",
+    "layernorm": "our LayerNorm: each example over its own features, no batch statistics",
+    "groupnorm": "our GroupNorm: each example over groups of its channels (field groups)",
+    "rmsnorm": "our RMSNorm: each example scaled by its root mean square, no centering",
 }
+# Norms that use the batch's statistics (and keep running averages for inference).
+BATCH_NORMS = ("batchnorm", "batchnorm-naive", "batchnorm-torch", "batchnorm-noisy")
 # A variant may be written as a bare name; these names imply their normalization.
 _SHORTHAND = {"plain": "none", **{k: k for k in NORMS if k != "none"}}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,31}$")
@@ -55,6 +61,10 @@ class ConfigError(ValueError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"{field_name} = {_show(value)}: {allowed}")
+
+
+def _common_divisors(numbers: list[int]) -> list[int]:
+    return [d for d in range(1, min(numbers) + 1) if all(n % d == 0 for n in numbers)]
 
 
 def _show(value: Any) -> str:
@@ -152,6 +162,7 @@ FIELDS: dict[str, FieldSpec] = {
     "init_std": FieldSpec(float, "std of the small-Gaussian init", 0.0, 10.0, low_open=True),
     "placement": FieldSpec(str, "BN relative to the nonlinearity", choices=("before", "after")),
     "keep_bias": FieldSpec(bool, "keep the linear bias in front of BN"),
+    "groups": FieldSpec(int, "GroupNorm's groups of channels per layer", 1, 512),
     # training
     "batch_size": FieldSpec(int, "examples per step", 1, 4096),
     "steps": FieldSpec(int, "length of the run in steps", 1, 10_000_000),
@@ -234,6 +245,11 @@ class VariantSpec:
 
     @property
     def uses_bn(self) -> bool:
+        """Normalizes with the batch's statistics (a BatchNorm kind)."""
+        return self.norm in BATCH_NORMS
+
+    @property
+    def normalized(self) -> bool:
         return self.norm != "none"
 
 
@@ -255,6 +271,7 @@ class RunConfig:
     init_std: float = 0.1
     placement: str = "before"
     keep_bias: bool = False
+    groups: int = 4
     variants: tuple[VariantSpec, ...] = field(default=_DEFAULT_VARIANTS)
     batch_size: int = 60
     steps: int = 50_000
@@ -291,6 +308,10 @@ class RunConfig:
         object.__setattr__(self, "variants", _parse_variants(self.variants))
         self._check_combinations()
 
+    def layer_channels(self) -> list[int]:
+        """The channels (units) of each hidden layer a normalization sees."""
+        return [6, 16, 120, 84] if self.model == "lenet" else [self.width] * self.depth
+
     def _check_combinations(self) -> None:
         if self.batch_size < 2 and any(v.uses_bn for v in self.variants):
             raise ConfigError(
@@ -298,6 +319,30 @@ class RunConfig:
                 self.batch_size,
                 "allowed: at least 2 when a variant uses BatchNorm (the variance of one "
                 "example is 0)",
+            )
+        norms = {v.norm for v in self.variants}
+        if "groupnorm" in norms:
+            channels = self.layer_channels()
+            bad = [c for c in channels if c % self.groups]
+            if bad:
+                where = (
+                    "LeNet's layers have 6, 16, 120 and 84"
+                    if self.model == "lenet"
+                    else (f"width = {self.width} channels per layer")
+                )
+                raise ConfigError(
+                    "groups",
+                    self.groups,
+                    f"allowed: a group count that divides the channels of every layer "
+                    f"GroupNorm normalizes ({where}), and {self.groups} does not divide "
+                    f"{bad[0]}; these do: " + ", ".join(str(g) for g in _common_divisors(channels)),
+                )
+        if self.model == "lenet" and "rmsnorm" in norms:
+            raise ConfigError(
+                "variants",
+                "rmsnorm",
+                "allowed with model = 'lenet': every norm but rmsnorm (it is built for the "
+                "MLP's feature vectors)",
             )
         if self.model == "mlp" and self.probe_unit >= self.width:
             raise ConfigError(

@@ -67,10 +67,14 @@ VARIANT_COLORS = {
     "batchnorm-naive": "#D55E00",
     "batchnorm-torch": "#000000",
     "batchnorm-noisy": "#CC79A7",
+    "layernorm": "#009E73",
+    "groupnorm": "#56B4E9",
+    "rmsnorm": "#F0E442",
 }
-# What is left for other names, the strongest first: a run's third variant (index 2,
-# after plain and batchnorm) gets bluish green, the next sky blue, then yellow.
-_OTHER_COLORS = ("#009E73", "#56B4E9", "#F0E442")
+# Names outside that table (a loaded config's own variant names) take Paul Tol's
+# colour-blind-safe indigo, teal and wine, by their index in the run, so they never share
+# a colour with a known variant.
+_OTHER_COLORS = ("#332288", "#44AA99", "#882255")
 
 EVENT_COLOR = "#7F7F7F"
 GUIDE_COLOR = "#999999"

@@ -27,6 +27,7 @@ from bn_core.batchnorm import (
     set_noise_states,
 )
 from bn_core.config import RunConfig, VariantSpec
+from bn_core.normalizers import GroupNorm, LayerNorm, RMSNorm
 
 __all__ = [
     "LayerRecord",
@@ -75,13 +76,17 @@ def make_norm(
     bn_momentum: float | None,
     *,
     groups: int = 1,
+    channel_groups: int = 1,
     noise: NoiseSettings | None = None,
     seed: int = 0,
 ) -> nn.Module | None:
     """The normalization layer a variant uses, or None for the plain net.
 
-    ``groups``, ``noise`` and ``seed`` only matter for batchnorm-noisy: ``groups`` variants
-    share the layer (one noise draw each), and ``seed`` seeds its noise generator.
+    ``groups`` variants share the layer (its ``features`` are theirs side by side); it
+    matters for the per-variant norms (GroupNorm's groups, LayerNorm's features) and for
+    batchnorm-noisy's noise draw. ``channel_groups`` is GroupNorm's group count per
+    variant, and ``seed`` seeds noisy BN's noise generator. ``dims`` is 1 for (N, C)
+    features and 2 for (N, C, H, W) feature maps.
     """
     if norm == "none":
         return None
@@ -90,6 +95,14 @@ def make_norm(
         return cls(features, momentum=bn_momentum)
     if norm == "batchnorm-noisy":
         return NoisyBatchNorm(features, momentum=bn_momentum, groups=groups, noise=noise, seed=seed)
+    if norm == "groupnorm":
+        return GroupNorm(groups * channel_groups, features)
+    if norm == "layernorm":
+        # A feature map's LayerNorm: each example over all its channels and positions,
+        # with a gamma and beta per channel (GroupNorm with one group per example).
+        return LayerNorm(features) if dims == 1 else GroupNorm(groups, features)
+    if norm == "rmsnorm":
+        return RMSNorm(features, eps=1e-5)
     return BatchNorm(features, momentum=bn_momentum, grad_through_stats=(norm != "batchnorm-naive"))
 
 
@@ -126,9 +139,11 @@ def _init_weight(shape_in: int, shape_out: int, config: RunConfig, gen: torch.Ge
 class _NormGroups(nn.Module):
     """Applies each variant's normalization to its slice of a (V, N, C) activation.
 
-    Consecutive variants with the same normalization form a run that shares one BN module
+    Consecutive variants with the same normalization form a run that shares one module
     over V_run * C features: per-feature statistics over N are exactly per-variant,
-    per-channel statistics. Runs are contiguous slices, so no gather or scatter is needed.
+    per-channel statistics, and the per-example norms (LayerNorm, GroupNorm, RMSNorm)
+    normalize each variant's C features of an example on their own. Runs are contiguous
+    slices, so no gather or scatter is needed.
     """
 
     def __init__(
@@ -138,9 +153,11 @@ class _NormGroups(nn.Module):
         bn_momentum: float | None,
         noise: NoiseSettings | None = None,
         seed: int = 0,
+        channel_groups: int = 1,
     ):
         super().__init__()
         self.width = width
+        self.channel_groups = channel_groups
         self.runs: list[tuple[int, int, str]] = []  # (start, stop, norm)
         for i, spec in enumerate(specs):
             if self.runs and self.runs[-1][2] == spec.norm:
@@ -153,7 +170,14 @@ class _NormGroups(nn.Module):
         self.groups = nn.ModuleList(
             [
                 make_norm(
-                    norm, (b - a) * width, 1, bn_momentum, groups=b - a, noise=noise, seed=seed + a
+                    norm,
+                    (b - a) * width,
+                    1,
+                    bn_momentum,
+                    groups=b - a,
+                    channel_groups=channel_groups,
+                    noise=noise,
+                    seed=seed + a,
                 )
                 for a, b, norm in bn_runs
             ]
@@ -173,8 +197,8 @@ class _NormGroups(nn.Module):
         for (a, b, _), bn, part in zip(self.runs, self._run_modules, parts, strict=True):
             if bn is None:
                 pieces.append(part)
-            elif type(bn) is BatchNorm:
-                # Our layer normalizes the run's (V_run, N, C) slice where it lies.
+            elif type(bn) in (BatchNorm, LayerNorm, GroupNorm, RMSNorm):
+                # Our layers normalize the run's (V_run, N, C) slice where it lies.
                 pieces.append(bn.forward_variants(part))
             else:
                 # torch's BatchNorm1d and the noisy BN take (N, V_run * C) features.
@@ -185,19 +209,20 @@ class _NormGroups(nn.Module):
     def stats(self, variant: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(running_mean, running_var) of one variant, or None if it has no BN here."""
         for index, bn in zip(self.group_index, self.groups, strict=True):
-            if variant in index and bn.running_mean is not None:
+            if variant in index and getattr(bn, "running_mean", None) is not None:
                 k = index.index(variant)
                 sl = slice(k * self.width, (k + 1) * self.width)
                 return bn.running_mean[sl], bn.running_var[sl]
         return None
 
-    def affine(self, variant: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(gamma, beta) of one variant, or None if it has no BN here."""
+    def affine(self, variant: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(gamma, beta) of one variant, or None if it has no normalization here; beta is
+        None for RMSNorm, which has none."""
         for index, bn in zip(self.group_index, self.groups, strict=True):
             if variant in index:
                 k = index.index(variant)
                 sl = slice(k * self.width, (k + 1) * self.width)
-                return bn.weight[sl], bn.bias[sl]
+                return bn.weight[sl], None if bn.bias is None else bn.bias[sl]
         return None
 
 
@@ -226,7 +251,14 @@ class LockstepMLP(nn.Module):
             self.weights.append(nn.Parameter(w.expand(V, -1, -1).clone()))
             self.biases.append(nn.Parameter(torch.zeros(V, 1, width)))
             self.norms.append(
-                _NormGroups(specs, width, config.bn_momentum, noise, _noise_seed(config, layer))
+                _NormGroups(
+                    specs,
+                    width,
+                    config.bn_momentum,
+                    noise,
+                    _noise_seed(config, layer),
+                    config.groups,
+                )
             )
             fan_in = width
         w = _init_weight(fan_in, num_classes, config, gen)
@@ -317,18 +349,28 @@ class LockstepMLP(nn.Module):
 
 
 def _extract_bn(norm: _NormGroups, variant: int) -> nn.Module | None:
+    """One variant's normalization layer of a lockstep layer, as a module of its own."""
     for index, kind, bn in zip(norm.group_index, norm.kinds, norm.groups, strict=True):
         if variant in index:
-            single = make_norm(kind, norm.width, 1, bn.momentum, noise=getattr(bn, "noise", None))
+            single = make_norm(
+                kind,
+                norm.width,
+                1,
+                getattr(bn, "momentum", None),
+                channel_groups=norm.channel_groups,
+                noise=getattr(bn, "noise", None),
+            )
             single = single.to(bn.weight.device, bn.weight.dtype)
             k = index.index(variant)
             sl = slice(k * norm.width, (k + 1) * norm.width)
             with torch.no_grad():
                 single.weight.copy_(bn.weight[sl])
-                single.bias.copy_(bn.bias[sl])
-                single.running_mean.copy_(bn.running_mean[sl])
-                single.running_var.copy_(bn.running_var[sl])
-                single.num_batches_tracked.copy_(bn.num_batches_tracked)
+                if bn.bias is not None:
+                    single.bias.copy_(bn.bias[sl])
+                if getattr(bn, "running_mean", None) is not None:
+                    single.running_mean.copy_(bn.running_mean[sl])
+                    single.running_var.copy_(bn.running_var[sl])
+                    single.num_batches_tracked.copy_(bn.num_batches_tracked)
             return single
     return None
 
@@ -337,7 +379,7 @@ def _variant_index(model: nn.Module, param: torch.Tensor) -> torch.Tensor:
     for norm in model.modules():
         if isinstance(norm, _NormGroups):
             for index, bn in zip(norm.group_index, norm.groups, strict=True):
-                if param is bn.weight or param is bn.bias:
+                if param is bn.weight or (bn.bias is not None and param is bn.bias):
                     return torch.tensor(index).repeat_interleave(norm.width)
     return torch.arange(param.shape[0]).view(-1, *([1] * (param.dim() - 1)))
 
@@ -382,6 +424,7 @@ class _LeNet(nn.Module):
                     features,
                     dims,
                     m,
+                    channel_groups=config.groups,
                     noise=noise,
                     seed=_noise_seed(config, layer, variant),
                 )

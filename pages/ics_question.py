@@ -12,6 +12,7 @@ from ui import load
 from ui.charts import show_chart
 from ui.claims_panel import show_claims
 from ui.export_panel import page_export_panel
+from ui.session import VARIANT_CHOICES, VARIANT_HELP
 
 PAGE = "ics"
 PRESET = "ics-smoothness"
@@ -20,6 +21,7 @@ TRAIN_SECONDS = 0.3
 TARGET_ACCURACY = 0.9
 # The config fields this page's sidebar sets (widget key "ics_w_<field>").
 SETTINGS = (
+    "variants",
     "steps",
     "seed",
     "ics_every",
@@ -40,6 +42,8 @@ ss = st.session_state
 def new_run() -> None:
     """A fresh run with the length and cadences chosen; a bad choice keeps the old run."""
     try:
+        if not ss.ics_w_variants:
+            raise ConfigError("variants", [], "allowed: pick at least one variant")
         config = load_preset(PRESET).replace(**{f: ss[f"ics_w_{f}"] for f in SETTINGS})
         ss.ics_trainer = make_trainer(config)
     except ConfigError as err:
@@ -55,7 +59,8 @@ def set_playing(on: bool) -> None:
 
 base = load_preset(PRESET)
 for field in SETTINGS:
-    ss.setdefault(f"ics_w_{field}", getattr(base, field))
+    value = getattr(base, field)
+    ss.setdefault(f"ics_w_{field}", [v.name for v in value] if field == "variants" else value)
 ss.setdefault("ics_playing", False)
 if "ics_trainer" not in ss:
     new_run()
@@ -97,6 +102,13 @@ with st.sidebar:
         f"{base.dataset}, lr {base.lr:g}, batch {base.batch_size}; variants "
         + ", ".join(v.name for v in base.variants)
         + ". Changes here take effect on **Restart**."
+    )
+    st.multiselect(
+        "Variants",
+        VARIANT_CHOICES,
+        key="ics_w_variants",
+        persist_state="session",
+        help="; ".join(f"{k}: {v}" for k, v in VARIANT_HELP.items()),
     )
     st.number_input(
         "Training steps", 100, 50_000, step=500, key="ics_w_steps", persist_state="session"

@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from bn_core.config import ConfigError, load_preset
+from bn_core.config import NORMS, ConfigError, load_preset
 from bn_core.experiments import charts
 from bn_core.experiments.sweep import MAX_RATES, USABLE_WITHIN, LrSweep, lr_grid
 from ui import load
@@ -33,6 +33,9 @@ LR_CHOICES = [
     10.0,
 ]
 
+# Each normalization's name in the charts: "plain" for none, else the norm itself.
+NORM_LABELS = {norm: "plain" if norm == "none" else norm for norm in NORMS}
+
 ss = st.session_state
 ss.setdefault("sweep_running", False)
 
@@ -46,7 +49,17 @@ base = load_preset(PRESET)
 st.markdown(
     f"The **{PRESET}** net: {base.depth} × {base.width} {base.activation} MLP on "
     f"{base.dataset}, batch {base.batch_size}, {base.optimizer.upper()} with momentum "
-    f"{base.momentum:g}. Each learning rate trains a plain and a batchnorm copy."
+    f"{base.momentum:g}. Each learning rate trains one copy per normalization picked "
+    "below, all from the same weights and batches."
+)
+st.multiselect(
+    "Normalizations",
+    list(NORM_LABELS),
+    default=["none", "batchnorm"],
+    format_func=NORM_LABELS.get,
+    key="sweep_w_norms",
+    persist_state="session",
+    help="; ".join(f"{NORM_LABELS[k]}: {v}" for k, v in NORMS.items()),
 )
 
 c1, c2, c3, c4 = st.columns([2, 1, 1, 1], vertical_alignment="bottom")
@@ -73,7 +86,10 @@ def start() -> None:
         low, high = ss.sweep_w_range
         rates = lr_grid(low, high, int(ss.sweep_w_count))
         config = base.replace(seed=int(ss.sweep_w_seed))
-        ss.sweep = LrSweep(config, rates, steps=int(ss.sweep_w_steps))
+        norms = tuple(ss.sweep_w_norms)
+        if not norms:
+            raise ConfigError("normalizations", [], "allowed: pick at least one")
+        ss.sweep = LrSweep(config, rates, norms=norms, steps=int(ss.sweep_w_steps))
     except ConfigError as err:
         ss.sweep_message = f"The sweep did not start; the last one is kept. {err}"
         return

@@ -180,6 +180,18 @@ UNKNOWN_CASES = [
 OTHER_CASES = [
     # Combinations: each value is valid alone.
     Case(
+        "combo-groups-not-dividing-width",
+        {"variants": ["plain", "groupnorm"], "groups": 3},
+        "groups",
+        "3",
+        "allowed: a group count that divides the channels of every layer GroupNorm "
+        "normalizes (width = 100 channels per layer), and 3 does not divide 100",
+        exact=False,
+        query={"variants": "plain,groupnorm", "groups": "3"},
+        query_shown="3",
+        group="combo",
+    ),
+    Case(
         "combo-batch-1-preset-bn",
         {"batch_size": 1},
         "batch_size",
@@ -720,6 +732,10 @@ WIDGET_COMBINATIONS = {
     # id: (widget key -> value, in order; the field the error names)
     "batch-1-with-bn": ({"w_batch_size": 1}, "batch_size"),
     "lenet-on-moons": ({"w_model": "lenet", "w_dataset": "moons"}, "dataset"),
+    "groups-not-dividing-width": (
+        {"w_variants": ["plain", "groupnorm"], "w_groups": 3},
+        "groups",
+    ),
 }
 
 

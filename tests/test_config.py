@@ -245,7 +245,7 @@ def test_duplicate_variant_names():
         ([1], "variants[0]"),
         (["plain", None], "variants[1]"),
         ([{"name": "x"}], "variants[0].norm"),
-        ([{"name": "x", "norm": "layernorm"}], "variants[0].norm"),
+        ([{"name": "x", "norm": "weightnorm"}], "variants[0].norm"),
         ([{"name": "Upper", "norm": "none"}], "variants[0].name"),
         ([{"name": "", "norm": "none"}], "variants[0].name"),
         ([{"name": "a" * 33, "norm": "none"}], "variants[0].name"),

@@ -443,6 +443,17 @@ LAYOUTS = {
         {"name": "p2", "norm": "none"},
     ],
     "sweep": [{"name": f"{n}{i}", "norm": n} for n in ("none", "batchnorm") for i in range(4)],
+    # The per-example norms, in runs of one and two, between BN and plain variants.
+    "normalizers": [
+        {"name": "l1", "norm": "layernorm"},
+        {"name": "l2", "norm": "layernorm"},
+        {"name": "b1", "norm": "batchnorm"},
+        {"name": "g1", "norm": "groupnorm"},
+        {"name": "g2", "norm": "groupnorm"},
+        {"name": "r1", "norm": "rmsnorm"},
+        {"name": "p1", "norm": "none"},
+        {"name": "r2", "norm": "rmsnorm"},
+    ],
 }
 
 

@@ -32,7 +32,16 @@ LR_CHOICES = sorted(
     {round(m * 10.0**e, 6) for e in range(-4, 2) for m in (1, 2, 3, 5) if m * 10.0**e <= 10}
 )
 BN_MOMENTUM_CHOICES = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
-VARIANT_CHOICES = ["plain", "batchnorm", "batchnorm-naive", "batchnorm-torch", "batchnorm-noisy"]
+VARIANT_CHOICES = [
+    "plain",
+    "batchnorm",
+    "batchnorm-naive",
+    "batchnorm-torch",
+    "batchnorm-noisy",
+    "layernorm",
+    "groupnorm",
+    "rmsnorm",
+]
 VARIANT_HELP = {"plain": NORMS["none"], **{k: NORMS[k] for k in VARIANT_CHOICES[1:]}}
 # The set-up fields a widget edits; the rest of a RunConfig comes from the preset.
 SETUP_FIELDS = (
@@ -47,6 +56,7 @@ SETUP_FIELDS = (
     "variants",
     "placement",
     "keep_bias",
+    "groups",
     "batch_size",
     "seed",
     "device",
@@ -174,6 +184,7 @@ FIELD_LABELS = {
     "variants": "Variants",
     "placement": "BN placement",
     "keep_bias": "Keep the linear bias",
+    "groups": "GroupNorm groups",
     "batch_size": "Batch size",
     "seed": "Seed",
     "device": "Device",
