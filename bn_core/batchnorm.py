@@ -40,7 +40,8 @@ class BatchNormFunction(torch.autograd.Function):
     """y = BN(x) with the batch statistics over ``dims``.
 
     gamma and beta are the layer's parameters as they are stored (one value per
-    normalized feature), or both None; they are viewed like mu to broadcast against x.
+    normalized feature), or None: both without affine, beta alone for ``bias=False``. They
+    are viewed like mu to broadcast against x.
     ``running`` is None or (running_mean, running_var, f): the population statistics
     that inference uses (section 3.1), moved towards this batch's in place.
     """
@@ -59,6 +60,8 @@ class BatchNormFunction(torch.autograd.Function):
         # after the layer (ReLU(inplace=True)) would corrupt the backward pass.
         if gamma is None:
             y = x_hat.clone()
+        elif beta is None:
+            y = x_hat * gamma.view_as(mu)
         else:
             y = torch.addcmul(beta.view_as(mu), gamma.view_as(mu), x_hat)
         if running is not None:
@@ -102,9 +105,11 @@ class BatchNormFunction(torch.autograd.Function):
             # The naive gradient of section 2: mu and var held constant,
             #   dL/dx_i = gamma * inv_std * dy_i
             dx = scale * dy
-        if gamma is None:
-            return dx, None, None, None, None, None, None
-        dgamma, dbeta = sum_dy_x_hat.view_as(gamma), sum_dy.view_as(gamma)
+        # No gradient for a gamma or beta that is None (bias=False) or frozen; beta, when
+        # present, has gamma's shape.
+        _, needs_dgamma, needs_dbeta, *_ = ctx.needs_input_grad
+        dgamma = sum_dy_x_hat.view_as(gamma) if needs_dgamma else None
+        dbeta = sum_dy.view_as(gamma) if needs_dbeta else None
         return dx, dgamma, dbeta, None, None, None, None
 
 
@@ -140,12 +145,16 @@ def batch_norm_train(
 class BatchNorm(nn.Module):
     """Batch Normalization over (N, C), (N, C, L) or (N, C, H, W) inputs.
 
-    A drop-in for torch.nn.BatchNorm1d/2d: same arguments in the same positions, same
-    running-statistics contract, same state_dict. The keyword-only
-    ``grad_through_stats=False`` gives the naive gradient that treats mu_B and var_B as
-    constants (Ioffe & Szegedy section 2). ``forward_variants`` normalizes a lockstep
-    (V, N, C) stack of variants in place of V separate layers.
+    A drop-in for torch.nn.BatchNorm1d/2d: same arguments in the same positions (``bias``
+    keyword-only, as in torch), same running-statistics contract, same state_dict, and
+    old (version 1) state_dicts without ``num_batches_tracked`` still load. The
+    keyword-only ``grad_through_stats=False`` gives the naive gradient that treats mu_B and
+    var_B as constants (Ioffe & Szegedy section 2). ``forward_variants`` normalizes a
+    lockstep (V, N, C) stack of variants in place of V separate layers.
     """
+
+    # torch's _NormBase numbering: version 2 added num_batches_tracked.
+    _version = 2
 
     def __init__(
         self,
@@ -157,6 +166,7 @@ class BatchNorm(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         grad_through_stats: bool = True,
     ) -> None:
         super().__init__()
@@ -175,9 +185,11 @@ class BatchNorm(nn.Module):
         self.grad_through_stats = grad_through_stats
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
         else:
             self.register_parameter("weight", None)
+        if affine and bias:
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
             self.register_parameter("bias", None)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
@@ -208,9 +220,34 @@ class BatchNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.affine:
+        if self.weight is not None:
             nn.init.ones_(self.weight)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+    def _load_from_state_dict(
+        self,
+        state_dict,
+        prefix,
+        local_metadata,
+        strict,
+        missing_keys,
+        unexpected_keys,
+        error_msgs,
+    ) -> None:
+        # A version 1 state_dict (or one without a version) predates num_batches_tracked:
+        # keep this layer's count, as torch does, or start from 0 where this layer's is a
+        # meta placeholder, so a meta-built layer loaded with assign=True gets a real one.
+        key = prefix + "num_batches_tracked"
+        version = local_metadata.get("version", None)
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            count = self.num_batches_tracked
+            if count is None or count.device.type == "meta":
+                count = torch.tensor(0, dtype=torch.long)
+            state_dict[key] = count
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() not in (2, 3, 4):
@@ -249,44 +286,74 @@ class BatchNorm(nn.Module):
     def _normalize(self, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         """x normalized over ``dims``: every other dim indexes a feature."""
         if x.element_size() < 4:
-            # Half inputs are normalized in float32, as torch does it: the sums of a
-            # channel's values and squares need float32's range.
+            # Half inputs (and half layers) are normalized in float32, as torch does it:
+            # the sums of a channel's values and squares need float32's range and precision.
             return self._normalize(x.float(), dims).to(x.dtype)
         gamma, beta = self.weight, self.bias
-        if self.affine and gamma.dtype != x.dtype:  # e.g. a float64 input to a float32 layer
-            gamma, beta = gamma.to(x.dtype), beta.to(x.dtype)
-        if not self.training and self.track_running_stats:
-            # Inference: a fixed affine map from the population (running) statistics.
-            shape = [1 if d in dims else x.shape[d] for d in range(x.dim())]
-            scale = (self.running_var.view(shape).to(x.dtype) + self.eps).rsqrt()
-            shift = -self.running_mean.view(shape).to(x.dtype) * scale
-            if self.affine:
-                scale, shift = (
-                    scale * gamma.view(shape),
-                    shift * gamma.view(shape) + beta.view(shape),
-                )
-            return torch.addcmul(shift, x, scale)
+        if gamma is not None and gamma.dtype != x.dtype:  # e.g. a float64 input, float32 layer
+            gamma = gamma.to(x.dtype)
+        if beta is not None and beta.dtype != x.dtype:
+            beta = beta.to(x.dtype)
+        # torch's rule: batch statistics in training, and in eval too when there are no
+        # running statistics to use. Buffers kept while track_running_stats was switched
+        # off are still used in eval, and are not updated in training.
+        running_mean, running_var = self.running_mean, self.running_var
+        if not self.training and (running_mean is not None or running_var is not None):
+            return self._normalize_with_running_stats(x, dims, gamma, beta)
         m = math.prod(x.shape[d] for d in dims)
-        if m < 2:
+        if m == 1:
             raise ValueError(
-                f"BatchNorm input has shape {tuple(x.shape)}: training mode needs more than "
-                "one value per channel, because the variance of a single value is 0 and "
-                "normalizing it divides by sqrt(eps). Use a batch of at least 2, or .eval()."
+                f"BatchNorm input has shape {tuple(x.shape)}: batch statistics (training "
+                "mode) need more than one value per channel, because the variance of a single "
+                "value is 0 and normalizing it divides by sqrt(eps). Use a batch of at least "
+                "2, or .eval() with running statistics."
             )
         running = None
         if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            # f = momentum, or 1 / batches seen (a cumulative average) for momentum None
-            f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            running = (self.running_mean, self.running_var, f)
+            count = self.num_batches_tracked
+            if count is not None:
+                count.add_(1)
+            if running_mean is not None and running_var is not None:
+                # f = momentum, or for momentum None the cumulative average, f = 1 / batches
+                # seen (0 without a count, as in torch)
+                f = self.momentum
+                if f is None:
+                    f = 0.0 if count is None else 1.0 / float(count)
+                running = (running_mean, running_var, f)
+        if m == 0:
+            # An empty batch has no statistics and, as in torch, leaves the running ones
+            # alone. The empty output still depends on gamma and beta, so backward gives
+            # them zero gradients rather than none.
+            shape = [1 if d in dims else x.shape[d] for d in range(x.dim())]
+            y = x.clone() if gamma is None else x * gamma.view(shape)
+            return y if beta is None else y + beta.view(shape)
         return BatchNormFunction.apply(
             x, gamma, beta, dims, self.eps, self.grad_through_stats, running
         )
 
+    def _normalize_with_running_stats(
+        self,
+        x: torch.Tensor,
+        dims: tuple[int, ...],
+        gamma: torch.Tensor | None,
+        beta: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Inference: y = x * scale + shift, a fixed affine map from the population (running)
+        statistics, scale = gamma / sqrt(running_var + eps), shift = beta - running_mean * scale."""
+        shape = [1 if d in dims else x.shape[d] for d in range(x.dim())]
+        scale = (self.running_var.view(shape).to(x.dtype) + self.eps).rsqrt()
+        shift = -self.running_mean.view(shape).to(x.dtype) * scale
+        if gamma is not None:
+            scale, shift = scale * gamma.view(shape), shift * gamma.view(shape)
+        if beta is not None:
+            shift = shift + beta.view(shape)
+        return torch.addcmul(shift, x, scale)
+
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}, "
             f"grad_through_stats={self.grad_through_stats}"
         )
 

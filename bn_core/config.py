@@ -163,6 +163,11 @@ FIELDS: dict[str, FieldSpec] = {
     "placement": FieldSpec(str, "BN relative to the nonlinearity", choices=("before", "after")),
     "keep_bias": FieldSpec(bool, "keep the linear bias in front of BN"),
     "groups": FieldSpec(int, "GroupNorm's groups of channels per layer", 1, 512),
+    "residual": FieldSpec(
+        str,
+        "skip connections of the MLP: none; pre: h + f(N(h)); post: N(h + f(h))",
+        choices=("none", "pre", "post"),
+    ),
     # training
     "batch_size": FieldSpec(int, "examples per step", 1, 4096),
     "steps": FieldSpec(int, "length of the run in steps", 1, 10_000_000),
@@ -272,6 +277,7 @@ class RunConfig:
     placement: str = "before"
     keep_bias: bool = False
     groups: int = 4
+    residual: str = "none"
     variants: tuple[VariantSpec, ...] = field(default=_DEFAULT_VARIANTS)
     batch_size: int = 60
     steps: int = 50_000
@@ -337,6 +343,12 @@ class RunConfig:
                     f"GroupNorm normalizes ({where}), and {self.groups} does not divide "
                     f"{bad[0]}; these do: " + ", ".join(str(g) for g in _common_divisors(channels)),
                 )
+        if self.residual != "none" and self.model != "mlp":
+            raise ConfigError(
+                "residual",
+                self.residual,
+                "allowed with model = 'lenet': none (skip connections are built for the MLP)",
+            )
         if self.model == "lenet" and "rmsnorm" in norms:
             raise ConfigError(
                 "variants",

@@ -12,6 +12,11 @@ PDF but still writes HTML, CSV and the run's data, and says so in its README.
 Kaleido's page loads MathJax from a CDN unless told not to; the figures use no LaTeX, so
 MathJax is switched off, which keeps rendering offline and saves the wait for the CDN.
 
+Every file a page or the CLI writes for a chart is named by :func:`figure_filename`:
+``page_chart_variants_stepN.ext``. A single chart's HTML embeds plotly.js, so it opens
+anywhere offline; the HTML files of a pack or an export directory share one copy,
+``figures/plotly.min.js`` beside them, instead of carrying ~4.8 MB each.
+
 Export a consistent snapshot: pause training first (each figure reads the History under
 its lock, but a run that goes on between two figures shows in the second one).
 """
@@ -19,6 +24,7 @@ its lock, but a run that goes on between two figures shows in the second one).
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import os
@@ -36,6 +42,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
+from plotly.offline import get_plotlyjs, get_plotlyjs_version
 
 from bn_core import figures
 from bn_core.claims import ClaimResult, claims_json
@@ -47,11 +54,15 @@ __all__ = [
     "DEFAULT_WIDTH",
     "HISTOGRAM_COLUMNS",
     "PAGE",
+    "PLOTLY_JS_FILE",
     "STATIC_FORMATS",
     "FigureSpec",
     "StaticExportUnavailable",
+    "chart_name",
+    "chart_title",
     "figure_filename",
     "figure_specs",
+    "plotly_js",
     "static_export_available",
     "teaching_pack",
     "to_csv",
@@ -61,6 +72,9 @@ __all__ = [
 ]
 
 PAGE = "live"  # the page the pack's figures come from
+# The one copy of plotly.js in a pack or export directory, next to the HTML figures
+# (figures/), which load it by this relative path.
+PLOTLY_JS_FILE = "plotly.min.js"
 STATIC_FORMATS = ("png", "svg", "pdf")
 ALL_FORMATS = (*STATIC_FORMATS, "html", "csv")
 # The figures of the Live training page, by spec key, with the names a menu shows.
@@ -104,10 +118,10 @@ class StaticExportUnavailable(RuntimeError):
 class FigureSpec:
     """One chart of a page, ready to export: the figure and the tidy rows it draws.
 
-    ``key`` is unique within a pack and names its files (``figures/<key>.<ext>``);
-    ``chart`` is the :data:`bn_core.figures.CHARTS` key it was built by (two specs can
-    share one, e.g. the percentile bands of a layer and of one unit). ``filename`` is a
-    stand-alone download name from :func:`figure_filename`.
+    ``key`` is unique within a pack; ``chart`` is the :data:`bn_core.figures.CHARTS` key
+    it was built by (two specs can share one, e.g. the percentile bands of a layer and of
+    one unit). ``filename`` is the stem of every file made from it, from
+    :func:`figure_filename`; add the format's extension.
     """
 
     key: str
@@ -119,15 +133,58 @@ class FigureSpec:
     filename: str = ""
 
 
-def figure_filename(page: str, chart: str, variants: Sequence[str], step: int | None) -> str:
-    """A file name (no extension) that says what a figure is.
+# Underscores separate the name's fields, so inside a field anything but letters, digits
+# and dots becomes one "-"; names stay readable, and safe on every file system.
+_NOT_IN_A_FIELD = re.compile(r"[^a-z0-9.]+")
 
-    ``figure_filename("live", "grad_norms", ["plain", "batchnorm"], 1200)`` is
-    ``"live_grad_norms_plain-vs-batchnorm_step1200"``; anything but letters, digits,
-    ``_ . -`` becomes ``-`` so the name is safe on every file system.
+
+def _field(text: str) -> str:
+    slug = _NOT_IN_A_FIELD.sub("-", str(text).lower())
+    return re.sub(r"\.{2,}", ".", slug).strip("-.")  # no "..", no leading dot
+
+
+def chart_name(page: str, chart: str, variants: Sequence[str]) -> str:
+    """``page_chart_variants``: the scheme of :func:`figure_filename` without the step.
+
+    Only for a name that must not change while a run goes on: the camera button of a
+    chart on screen (plotly.js builds a chart anew when its config changes).
     """
-    name = f"{page}_{chart}_{'-vs-'.join(variants) or 'none'}_step{step or 0}"
-    return re.sub(r"[^A-Za-z0-9_.\-]+", "-", name)
+    compared = "-vs-".join(f for f in map(_field, variants) if f) or "none"
+    return "_".join((_field(page) or "page", _field(chart) or "chart", compared))
+
+
+def figure_filename(
+    page: str, chart: str, variants: Sequence[str], step: int | None, ext: str = ""
+) -> str:
+    """The name of a file made from a chart: ``page_chart_variants_stepN[.ext]``.
+
+    ``figure_filename("live", "percentile_bands", ["plain", "batchnorm"], 1200, "png")``
+    is ``"live_percentile-bands_plain-vs-batchnorm_step1200.png"``. Each field is lower
+    case letters, digits, ``.`` and ``-``; ``variants`` are joined by ``-vs-`` (a variant's
+    own name may hold a ``-``), ``none`` when a chart has none; ``step`` is the step of
+    the run the chart shows (0 for a chart with no run behind it). Every file the pages
+    and the CLI write for a chart (HTML, PNG, SVG, PDF, CSV, a zip of charts, the config
+    JSON) is named by this function.
+    """
+    stem = f"{chart_name(page, chart, variants)}_step{max(int(step or 0), 0)}"
+    suffix = _field(ext)
+    return f"{stem}.{suffix}" if suffix else stem
+
+
+def chart_title(chart: str, fig: go.Figure | None = None) -> str:
+    """What a menu calls a chart: its registered title, else the figure's own title.
+
+    Run charts are registered in :data:`bn_core.figures.CHARTS`, the teaching experiments'
+    in ``EXPERIMENT_CHARTS``; a chart in neither is named by its figure's title, and only
+    a chart with no title at all by its key, in words.
+    """
+    from bn_core.experiments.charts import EXPERIMENT_CHARTS  # imports torch: on demand
+
+    info = figures.CHARTS.get(chart) or EXPERIMENT_CHARTS.get(chart)
+    if info is not None:
+        return info.title
+    title = _title_of(fig) if fig is not None else ""
+    return title or chart.replace("_", " ").capitalize()
 
 
 def _title_of(fig: go.Figure) -> str:
@@ -367,6 +424,29 @@ def _opts(
     }
 
 
+def _png_without_alpha(png: bytes) -> bytes:
+    """The same pixels without an alpha channel, when every pixel is opaque.
+
+    The browser writes RGBA, though a figure on a white background has no transparent
+    pixel: as RGB the same image is about a third smaller. An image with any transparency,
+    or one Pillow is missing to read (or cannot read), is returned as it is.
+    """
+    try:
+        from PIL import Image
+    except ImportError:
+        return png
+    try:
+        with Image.open(io.BytesIO(png)) as image:
+            if image.mode != "RGBA" or image.getchannel("A").getextrema() != (255, 255):
+                return png
+            kept = {"dpi": image.info["dpi"]} if "dpi" in image.info else {}
+            out = io.BytesIO()
+            image.convert("RGB").save(out, format="PNG", **kept)
+    except (OSError, ValueError):  # not a PNG Pillow can read: the browser's bytes stand
+        return png
+    return out.getvalue()
+
+
 class _Renderer:
     """Renders ``(figure, format, scale)`` jobs in ONE Kaleido browser session.
 
@@ -420,12 +500,18 @@ class _Renderer:
             browser = kaleido.Kaleido(n=1, mathjax=False, timeout=RENDER_TIMEOUT_S)
         except ChromeNotFoundError as err:
             raise StaticExportUnavailable(static_export_available()[1]) from err
-        out: list[bytes] = []
+        loop = asyncio.get_running_loop()
+        out: list[Any] = []
         try:
             async with browser as k:
                 for i, (fig_dict, opts) in enumerate(self._work):
-                    out.append(await k.calc_fig(fig_dict, opts=opts))
+                    image = await k.calc_fig(fig_dict, opts=opts)
+                    if opts["format"] == "png":
+                        # Re-encoded on another thread while the browser draws the next.
+                        image = loop.run_in_executor(None, _png_without_alpha, image)
+                    out.append(image)
                     self._events.put(i)
+                out = [await image if asyncio.isfuture(image) else image for image in out]
         except BrowserFailedError as err:
             raise StaticExportUnavailable(
                 f"The browser at {_find_browser()} failed to start, so PNG/SVG/PDF export "
@@ -482,13 +568,18 @@ def to_static(
 # --------------------------------------------------------------------------- html, csv
 
 
-def to_html(fig: go.Figure, *, filename: str | None = None) -> str:
-    """A standalone HTML page of ``fig`` that opens offline.
+def to_html(fig: go.Figure, *, filename: str | None = None, plotlyjs: str | None = None) -> str:
+    """An HTML page of ``fig`` that opens offline.
 
-    plotly.js is embedded (no ``<script src>``), MathJax is off, and nothing else is
+    Without ``plotlyjs`` the page stands alone: plotly.js is embedded (no
+    ``<script src>``). With ``plotlyjs``, a path ending in ``.js`` relative to the page,
+    the page loads plotly.js from that file instead (~4.8 MB less), as the figures of a
+    pack do from :data:`PLOTLY_JS_FILE` beside them. MathJax is off, and nothing else is
     fetched: the charts use no maps (the only thing plotly.js would fetch, topojson and
     map tiles) and system fonts. The camera button saves a 3x PNG named ``filename``.
     """
+    if plotlyjs is not None and not plotlyjs.endswith(".js"):
+        raise ValueError(f"plotlyjs = {plotlyjs!r}: allowed: a relative path ending in .js")
     config: dict[str, Any] = {
         "displaylogo": False,
         "responsive": True,
@@ -498,12 +589,19 @@ def to_html(fig: go.Figure, *, filename: str | None = None) -> str:
         config["toImageButtonOptions"]["filename"] = filename
     return pio.to_html(
         fig,
-        include_plotlyjs=True,
+        # plotly.py writes a string ending in ".js" as <script src="..."> verbatim.
+        include_plotlyjs=plotlyjs if plotlyjs is not None else True,
         include_mathjax=False,
         full_html=True,
         config=config,
         default_width="100%",
     )
+
+
+@functools.cache
+def plotly_js() -> bytes:
+    """The plotly.js bundle of the installed plotly, the one :func:`to_html` embeds."""
+    return get_plotlyjs().encode("utf-8")
 
 
 def to_csv(spec: FigureSpec) -> bytes:
@@ -557,7 +655,7 @@ def _readme(
             "",
             f"{i}. {spec.title}",
             f"   {spec.caption}",
-            f"   files: {', '.join(files[spec.key]) or '(none)'}",
+            f"   files: {_one_line(files[spec.key])}",
         ]
     lines += [
         "",
@@ -573,10 +671,25 @@ def _readme(
         "and {kind}/edges (numpy.load)",
         "figures/*.csv   the rows each figure draws; histograms as step, variant, layer, "
         "bin_low, bin_high, count",
-        "figures/*.html  interactive figures; they open offline in any browser",
+        "figures/*.html  interactive figures; they open offline in any browser, with "
+        f"figures/{PLOTLY_JS_FILE} beside them",
+        f"figures/{PLOTLY_JS_FILE}  plotly.js {get_plotlyjs_version()}, one copy for all "
+        "the HTML figures: copy it along with them (a single chart's HTML from the app "
+        "carries its own)",
+        "",
+        "File names: page_chart_variants_stepN.ext, the page the chart is from, the chart, "
+        "the variants compared and the step of the run it shows.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _one_line(paths: Sequence[str]) -> str:
+    """``figures/a.png, .svg, .csv``: one chart's files, its long name written once."""
+    if not paths:
+        return "(none)"
+    stem = paths[0].rsplit(".", 1)[0]
+    return ", ".join([paths[0], *(p[len(stem) :] for p in paths[1:])])
 
 
 def _pack_files(
@@ -598,8 +711,8 @@ def _pack_files(
     other = [f for f in formats if f not in STATIC_FORMATS]
 
     specs = figure_specs(history, config)
-    # + metrics, config, events, claims, npz, README
-    total = len(specs) * (len(static) + len(other)) + 6
+    # + metrics, config, events, claims, npz, README, and plotly.js for the HTML figures
+    total = len(specs) * (len(static) + len(other)) + 6 + ("html" in other)
     done = 0
 
     def tick(label: str) -> None:
@@ -627,7 +740,7 @@ def _pack_files(
     def rendered_one(i: int) -> None:
         nonlocal n_rendered
         n_rendered += 1
-        tick(f"{jobs[i][0].key}.{jobs[i][1]}")
+        tick(_figure_path(jobs[i][0], jobs[i][1]))
 
     def poll() -> None:
         if renderer is not None:
@@ -637,13 +750,16 @@ def _pack_files(
     for spec in specs:
         for fmt in other:
             if fmt == "html":
-                data = to_html(spec.figure, filename=spec.filename).encode("utf-8")
+                html = to_html(spec.figure, filename=spec.filename, plotlyjs=PLOTLY_JS_FILE)
+                data = html.encode("utf-8")
             else:
                 data = to_csv(spec)
-            by_path[f"figures/{spec.key}.{fmt}"] = data
-            tick(f"{spec.key}.{fmt}")
+            by_path[_figure_path(spec, fmt)] = data
+            tick(_figure_path(spec, fmt))
             poll()
     rest: list[tuple[str, bytes]] = []
+    if "html" in other:
+        rest.append((f"figures/{PLOTLY_JS_FILE}", plotly_js()))
     metrics = io.StringIO()
     history.to_csv(metrics)
     rest.append(("metrics.csv", metrics.getvalue().encode("utf-8")))
@@ -666,12 +782,11 @@ def _pack_files(
             total -= len(jobs) - n_rendered  # done never passes total
             images, jobs = [], []
         for (spec, fmt), data in zip(jobs, images, strict=True):
-            by_path[f"figures/{spec.key}.{fmt}"] = data
+            by_path[_figure_path(spec, fmt)] = data
 
     # Figure files in chart order, each chart's in the order of ``formats``.
     files = {
-        spec.key: [p for f in formats if (p := f"figures/{spec.key}.{f}") in by_path]
-        for spec in specs
+        spec.key: [p for f in formats if (p := _figure_path(spec, f)) in by_path] for spec in specs
     }
     out = [(path, by_path[path]) for spec in specs for path in files[spec.key]]
     out += rest
@@ -681,18 +796,24 @@ def _pack_files(
     return out
 
 
-# Already-compressed files are stored as they are; deflating them again costs time for
-# nothing. HTML (plotly.js, ~4.8 MB a figure) shrinks ~3x at the fastest level.
-def chart_files(spec: FigureSpec, formats: Iterable[str] = ALL_FORMATS) -> dict[str, bytes]:
+def _figure_path(spec: FigureSpec, fmt: str) -> str:
+    """Where a pack or export directory keeps one format of a chart."""
+    return f"figures/{spec.filename}.{fmt}"
+
+
+def chart_files(
+    spec: FigureSpec, formats: Iterable[str] = ALL_FORMATS, *, plotlyjs: str | None = None
+) -> dict[str, bytes]:
     """One chart in several formats, ext -> bytes; the static ones share one browser session.
 
+    The HTML embeds plotly.js unless ``plotlyjs`` names a shared copy (see :func:`to_html`).
     Static formats are left out (not an error) when no browser is available, so a caller
     can still offer HTML and CSV; :func:`static_export_available` says why.
     """
     formats = _check_formats(formats)
     out: dict[str, bytes] = {}
     if "html" in formats:
-        out["html"] = to_html(spec.figure, filename=spec.filename).encode()
+        out["html"] = to_html(spec.figure, filename=spec.filename, plotlyjs=plotlyjs).encode()
     if "csv" in formats:
         out["csv"] = to_csv(spec)
     static = [f for f in formats if f in STATIC_FORMATS]
@@ -702,7 +823,22 @@ def chart_files(spec: FigureSpec, formats: Iterable[str] = ALL_FORMATS) -> dict[
     return out
 
 
-_STORED = (".png", ".pdf", ".npz")
+# PNG and npz are compressed already: deflating them again costs time for nothing.
+_STORED = (".png", ".npz")
+
+
+def _zip(files: Iterable[tuple[str, bytes]]) -> bytes:
+    """A zip of (path, bytes). zlib's default level: with plotly.js in a pack once, not
+    once per figure, the better compression of the one copy and of the CSVs is worth
+    the fraction of a second it costs."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for path, data in files:
+            if path.endswith(_STORED):
+                zf.writestr(path, data, compress_type=zipfile.ZIP_STORED)
+            else:
+                zf.writestr(path, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=6)
+    return buffer.getvalue()
 
 
 def teaching_pack(
@@ -715,21 +851,15 @@ def teaching_pack(
 ) -> bytes:
     """A zip with every chart of the Live training page in every format, and the run.
 
-    Contents: ``figures/<key>.<ext>`` for each chart and format, ``metrics.csv``,
-    ``config.json``, ``events.json``, ``claims.json`` (the checked ``claims``),
-    ``histograms.npz`` and ``README.txt`` (each
-    figure's title and caption, the config in one line). Without a browser PNG, SVG and
-    PDF are left out and the README says why. ``progress(done, total, label)`` is
-    called as files are made (first with ``done = 0``).
+    Contents: ``figures/<name>.<ext>`` for each chart and format (``<name>`` from
+    :func:`figure_filename`) and ``figures/plotly.min.js``, which the HTML figures share;
+    ``metrics.csv``, ``config.json``, ``events.json``, ``claims.json`` (the checked
+    ``claims``), ``histograms.npz`` and ``README.txt`` (each figure's title and caption,
+    the config in one line). Without a browser PNG, SVG and PDF are left out and the
+    README says why. ``progress(done, total, label)`` is called as files are made (first
+    with ``done = 0``).
     """
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for path, data in _pack_files(history, config, formats, progress, claims):
-            if path.endswith(_STORED):
-                zf.writestr(path, data, compress_type=zipfile.ZIP_STORED)
-            else:
-                zf.writestr(path, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
-    return buffer.getvalue()
+    return _zip(_pack_files(history, config, formats, progress, claims))
 
 
 def write_export(
@@ -798,24 +928,62 @@ def figure_rows(fig: go.Figure) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def spec_from_figure(page: str, chart: str, fig: go.Figure, caption: str) -> FigureSpec:
-    """A FigureSpec for a figure already drawn on a page: a print-themed copy and its data."""
+def spec_from_figure(
+    page: str,
+    chart: str,
+    fig: go.Figure,
+    caption: str,
+    variants: Sequence[str] = (),
+    step: int | None = None,
+) -> FigureSpec:
+    """A FigureSpec for a figure already drawn on a page: a print-themed copy and its data.
+
+    ``variants`` and ``step``: those of the run the chart shows, for its file name.
+    """
     printed = figures.apply_theme(go.Figure(fig), "print")
-    name = re.sub(r"[^A-Za-z0-9_.\-]+", "-", f"bnlab_{page}_{chart}")
+    name = figure_filename(page, chart, variants, step)
     return FigureSpec(chart, printed, _title_of(printed), caption, figure_rows(fig), chart, name)
 
 
 def page_pack(specs: Sequence[FigureSpec], formats: Iterable[str] = ALL_FORMATS) -> bytes:
-    """A zip of the given charts in every format, with a README of titles and captions."""
-    buffer = io.BytesIO()
+    """A zip of the given charts in every format, with a README of titles and captions.
+
+    As in the teaching pack, the HTML figures share one ``figures/plotly.min.js``, and the
+    images of all the charts are rendered in one browser session.
+    """
+    formats = _check_formats(formats)
+    available, why = static_export_available()
+    static = [f for f in formats if f in STATIC_FORMATS] if available else []
+    jobs = [(spec, fmt) for spec in specs for fmt in static]
+    images: dict[tuple[int, str], bytes] = {}
+    if jobs:
+        renderer = _Renderer(
+            [(spec.figure, fmt, PNG_SCALE if fmt == "png" else 1) for spec, fmt in jobs]
+        )
+        for (spec, fmt), data in zip(jobs, renderer.result(), strict=True):
+            images[id(spec), fmt] = data
+    files: list[tuple[str, bytes]] = []
     lines = ["BatchNorm Lab: figures of one page", ""]
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for i, spec in enumerate(specs, 1):
-            for ext, data in chart_files(spec, formats).items():
-                zf.writestr(f"figures/{spec.key}.{ext}", data)
-            lines += [f"{i}. {spec.title} (figures/{spec.key}.*)", f"   {spec.caption}", ""]
-        available, why = static_export_available()
-        if not available:
-            lines.append(f"PNG, SVG and PDF were skipped: {why}")
-        zf.writestr("README.txt", "\n".join(lines) + "\n")
-    return buffer.getvalue()
+    for i, spec in enumerate(specs, 1):
+        other = chart_files(
+            spec, [f for f in formats if f not in STATIC_FORMATS], plotlyjs=PLOTLY_JS_FILE
+        )
+        for fmt in formats:
+            data = images.get((id(spec), fmt), other.get(fmt))
+            if data is not None:
+                files.append((_figure_path(spec, fmt), data))
+        lines += [f"{i}. {spec.title} (figures/{spec.filename}.*)", f"   {spec.caption}", ""]
+    if "html" in formats:
+        files.append((f"figures/{PLOTLY_JS_FILE}", plotly_js()))
+        lines.append(
+            f"The HTML figures load plotly.js {get_plotlyjs_version()} from "
+            f"figures/{PLOTLY_JS_FILE}: keep it beside them."
+        )
+    if not available and any(f in STATIC_FORMATS for f in formats):
+        lines.append(f"PNG, SVG and PDF were skipped: {why}")
+    lines.append(
+        "File names: page_chart_variants_stepN.ext (variants none and step 0: a chart "
+        "with no training run behind it)."
+    )
+    files.append(("README.txt", ("\n".join(lines) + "\n").encode("utf-8")))
+    return _zip(files)

@@ -123,8 +123,14 @@ def _noise_seed(config: RunConfig, layer: int, variant: int = 0) -> int:
 
 def _bias_kept(spec: VariantSpec, config: RunConfig) -> bool:
     # BN right after a linear layer makes its bias redundant (beta takes its role,
-    # section 3.2), so it is dropped unless the run asks to keep it.
-    return not spec.uses_bn or config.placement == "after" or config.keep_bias
+    # section 3.2), so it is dropped unless the run asks to keep it. In a residual net the
+    # normalizer sits on the block's input or after the addition, not after the linear map.
+    return (
+        not spec.uses_bn
+        or config.placement == "after"
+        or config.keep_bias
+        or config.residual != "none"
+    )
 
 
 def _init_weight(shape_in: int, shape_out: int, config: RunConfig, gen: torch.Generator):
@@ -236,6 +242,7 @@ class LockstepMLP(nn.Module):
         gen = torch.Generator().manual_seed(config.seed)
         self.activation = ACTIVATIONS[config.activation]
         self.placement = config.placement
+        self.residual = config.residual
         self.layer_names = [f"layer{i + 1}" for i in range(config.depth)]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -272,19 +279,35 @@ class LockstepMLP(nn.Module):
         V = self.out_weight.shape[0]
         h = x.unsqueeze(0).expand(V, -1, -1)
         records: list[LayerRecord] = []
-        for name, W, b, norm in zip(
-            self.layer_names, self.weights, self.biases, self.norms, strict=True
+        for i, (name, W, b, norm) in enumerate(
+            zip(self.layer_names, self.weights, self.biases, self.norms, strict=True)
         ):
-            z = torch.baddbmm(b * self.bias_mask, h, W)
-            if self.placement == "before":
-                preact = norm(z)
-                h = post = self.activation(preact)
-                bn_input = z
+            if self.residual != "none" and i > 0:
+                # A residual block, h + f(h), with f(h) = act(W h + b). The first layer maps
+                # the input to the width and has no skip.
+                if self.residual == "pre":
+                    # Normalize the branch's input: h + act(W N(h) + b)
+                    bn_input = h
+                    preact = torch.baddbmm(b * self.bias_mask, norm(h), W)
+                    post = self.activation(preact)
+                    h = h + post
+                else:
+                    # Normalize after the addition: N(h + act(W h + b))
+                    preact = torch.baddbmm(b * self.bias_mask, h, W)
+                    post = self.activation(preact)
+                    bn_input = h + post
+                    h = norm(bn_input)
             else:
-                preact = z
-                post = self.activation(z)
-                h = norm(post)
-                bn_input = post
+                z = torch.baddbmm(b * self.bias_mask, h, W)
+                if self.placement == "before":
+                    preact = norm(z)
+                    h = post = self.activation(preact)
+                    bn_input = z
+                else:
+                    preact = z
+                    post = self.activation(z)
+                    h = norm(post)
+                    bn_input = post
             if record:
                 records.append(LayerRecord(name, preact, post, bn_input, h))
         return torch.baddbmm(self.out_bias, h, self.out_weight), records
@@ -326,6 +349,8 @@ class LockstepMLP(nn.Module):
 
     def to_sequential(self, variant: int) -> nn.Sequential:
         """One variant as a plain torch Sequential of Linear/BN/activation (same numbers)."""
+        if self.residual != "none":
+            raise ValueError("a residual net is not a Sequential: its blocks add their input")
         layers: list[nn.Module] = []
         act = {torch.sigmoid: nn.Sigmoid, torch.tanh: nn.Tanh, torch.relu: nn.ReLU}
         for W, b, norm in zip(self.weights, self.biases, self.norms, strict=True):

@@ -9,7 +9,7 @@ from bn_core.train import Trainer
 from ui import load, session
 from ui.charts import show_chart
 from ui.claims_panel import show_claims
-from ui.export_panel import export_panel
+from ui.export_panel import config_filename, export_panel
 
 # The browser asks for a tick every TICK_SECONDS (a request that comes while a tick runs
 # waits for it, then starts at once). A tick trains up to TRAIN_SECONDS and then draws,
@@ -120,6 +120,24 @@ with st.sidebar:
         help=FIELDS["placement"].help,
     )
     c2.number_input("Batch size", 1, 4096, key="w_batch_size", persist_state="session")
+    c1.number_input(
+        "GroupNorm groups",
+        1,
+        512,
+        key="w_groups",
+        persist_state="session",
+        disabled="groupnorm" not in ss.w_variants,
+        help=FIELDS["groups"].help + "; must divide the units of every layer",
+    )
+    c2.selectbox(
+        "Skip connections",
+        ["none", "pre", "post"],
+        key="w_residual",
+        persist_state="session",
+        disabled=not mlp,
+        help="Residual blocks from layer 2 on, f(h) = act(W h + b): pre is h + f(N(h)), "
+        "the normalizer N on the block's input; post is N(h + f(h)), after the addition",
+    )
     c1.number_input("Seed", 0, 2**31 - 1, key="w_seed", persist_state="session")
     c2.selectbox(
         "Device",
@@ -140,7 +158,7 @@ with st.sidebar:
     st.download_button(
         "Download config JSON",
         ss.trainer.config.replace(**ss.trainer.live).to_json(),
-        file_name="bnlab_config.json",
+        file_name=config_filename(ss.trainer),
         mime="application/json",
         icon=":material/download:",
         help="The running set-up with the live settings as they are now; load it to rerun",

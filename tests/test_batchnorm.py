@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -669,3 +670,161 @@ def test_float64_input_trains_a_float32_layer_and_keeps_its_buffers_float32():
 def test_functional_batch_norm_refuses_one_value_per_channel():
     with pytest.raises(ValueError, match="more than one value per channel"):
         batch_norm_train(torch.randn(1, 4), None, None)
+
+
+# ---------------------------------------------------------------- torch 2.13's contract
+
+
+def test_constructor_signature_matches_torch():
+    """torch's parameters in torch's positions and kinds; our extra stays keyword-only."""
+    ours = inspect.signature(BatchNorm).parameters
+    for cls in (nn.BatchNorm1d, nn.BatchNorm2d):
+        theirs = inspect.signature(cls).parameters
+        shared = [(p.name, p.kind, p.default) for p in theirs.values()]
+        assert [(p.name, p.kind, p.default) for p in ours.values()][: len(shared)] == shared
+    assert ours["bias"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert ours["grad_through_stats"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (3, 4, 5), (2, 4, 3, 3)])
+def test_bias_false_matches_torch(shape):
+    ours = BatchNorm(shape[1], dtype=F64, bias=False)
+    ref = ref_class(len(shape))(shape[1], dtype=F64, bias=False)
+    assert ours.bias is None and ref.bias is None
+    assert isinstance(ours.weight, nn.Parameter)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(shape[1], generator=gen, dtype=F64))
+        ref.weight.copy_(ours.weight)
+    for mode in ("train", "eval"):
+        ours.train(mode == "train")
+        ref.train(mode == "train")
+        x = make_x(shape, gen, 1.0, 2.0)
+        dy = torch.randn(shape, generator=gen, dtype=F64)
+        assert_runs_match(ours, ref, x, dy)
+        assert_buffers_match(ours, ref)
+    assert "bias=False" in repr(ours)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (2, 3, 0), (0, 3, 2, 2), (1, 3, 0)])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine", [True, False])
+def test_empty_batch_matches_torch(shape, momentum, affine):
+    """An empty batch: empty output, zero gradients, running statistics untouched and
+    num_batches_tracked counted (as torch counts it), then training goes on as torch's."""
+    ours, ref = make_pair(shape, momentum=momentum, affine=affine)
+    gen = torch.Generator().manual_seed(4)
+    full = tuple(4 if s == 0 else s for s in shape)
+    for batch in (shape, full, shape, full):
+        for mode in ("train", "eval"):
+            ours.train(mode == "train")
+            ref.train(mode == "train")
+            x = make_x(batch, gen, 1.0, 2.0)
+            dy = torch.randn(batch, generator=gen, dtype=F64)
+            outs = run(ours, x, dy)
+            assert outs[0].shape == batch
+            if x.numel() == 0 and affine:
+                assert torch.equal(outs[2], torch.zeros(3, dtype=F64))
+                assert torch.equal(outs[3], torch.zeros(3, dtype=F64))
+            for a, e in zip(outs, run(ref, x, dy), strict=True):
+                if e is None:
+                    assert a is None
+                else:
+                    exact(a, e)
+            assert_buffers_match(ours, ref)
+
+
+def test_eval_uses_kept_buffers_when_tracking_is_switched_off():
+    """torch's rule: eval normalizes with the running statistics whenever the buffers
+    exist, even with track_running_stats switched off; training then neither updates nor
+    counts. A layer built without buffers and switched on later uses batch statistics."""
+    shape = (8, 3, 4)
+    gen = torch.Generator().manual_seed(8)
+    ours, ref = make_pair(shape, gen, momentum=0.5)
+    for step in range(2):
+        x = make_x(shape, gen, 2.0 + step, 3.0)
+        exact(ours(x), ref(x))
+    for bn in (ours, ref):
+        bn.track_running_stats = False
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    for mode in ("eval", "train", "eval"):
+        ours.train(mode == "train")
+        ref.train(mode == "train")
+        x = make_x(shape, gen, -3.0, 0.5)
+        dy = torch.randn(shape, generator=gen, dtype=F64)
+        assert_runs_match(ours, ref, x, dy)
+        assert_buffers_match(ours, ref)
+        for key, value in ours.state_dict().items():
+            assert torch.equal(value, before[key]), key
+    ours.eval()
+    x = make_x(shape, gen, -3.0, 0.5)
+    view = (1, -1, 1)
+    x_hat = (x - ours.running_mean.view(view)) / (ours.running_var.view(view) + ours.eps).sqrt()
+    exact(ours(x), x_hat * ours.weight.view(view) + ours.bias.view(view))
+
+    ours, ref = make_pair(shape, gen, track_running_stats=False)
+    for bn in (ours, ref):
+        bn.track_running_stats = True
+        bn.eval()
+    x = make_x(shape, gen, 1.0, 2.0)
+    dy = torch.randn(shape, generator=gen, dtype=F64)
+    assert_runs_match(ours, ref, x, dy)
+    assert ours.running_mean is None and ours.num_batches_tracked is None
+
+
+def test_state_dict_says_version_2_and_old_ones_load():
+    ours, ref = BatchNorm(3), nn.BatchNorm2d(3)
+    assert ours.state_dict()._metadata[""] == ref.state_dict()._metadata[""]
+    old = ref.state_dict()
+    del old["num_batches_tracked"]
+    old._metadata[""]["version"] = 1
+    ours.num_batches_tracked.fill_(7)
+    ours.load_state_dict(old)  # strict: the missing count is filled in
+    assert ours.num_batches_tracked.item() == 7
+
+
+@pytest.mark.parametrize("through", [True, False])
+@pytest.mark.parametrize(
+    "kw", [{}, {"bias": False}, {"affine": False}], ids=["affine", "no_bias", "plain"]
+)
+def test_batched_backward_matches_one_vector_at_a_time(through, kw):
+    """autograd.grad(..., is_grads_batched=True) runs our backward under vmap: each row of
+    the result is the gradient for that row of upstream gradients."""
+    shape = (5, 3, 2)
+    gen = torch.Generator().manual_seed(9)
+    bn = BatchNorm(3, dtype=F64, grad_through_stats=through, **kw)
+    x = make_x(shape, gen, 1.0, 2.0).requires_grad_(True)
+    inputs = [x, *bn.parameters()]
+    y = bn(x)
+    dys = torch.randn(4, *shape, generator=gen, dtype=F64)
+    batched = torch.autograd.grad(y, inputs, dys, retain_graph=True, is_grads_batched=True)
+    for i, dy in enumerate(dys):
+        single = torch.autograd.grad(y, inputs, dy, retain_graph=True)
+        for b, s in zip(batched, single, strict=True):
+            exact(b[i], s)
+    if through:
+        params = tuple(bn.parameters())
+        assert torch.autograd.gradcheck(lambda x, *p: bn(x), (x, *params), check_batched_grad=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_layer_matches_torch(dtype):
+    """A layer wholly in float16/bfloat16 (parameters and buffers too) against torch's:
+    statistics in float32, then output, gradients and running statistics in the dtype."""
+    shape = (16, 3, 5, 5)
+    ours, ref = BatchNorm(3).to(dtype), nn.BatchNorm2d(3).to(dtype)
+    gen = torch.Generator().manual_seed(10)
+    for _ in range(2):
+        x = (torch.randn(shape, generator=gen) * 3 + 2).to(dtype)
+        dy = torch.randn(shape, generator=gen).to(dtype)
+        (y, dx, dw, db), (y_ref, dx_ref, dw_ref, db_ref) = run(ours, x, dy), run(ref, x, dy)
+        assert y.dtype == dx.dtype == dw.dtype == dtype
+        tol = {"rtol": 2e-2, "atol": 2e-2}
+        assert_close(y.float(), y_ref.float(), **tol)
+        assert_close(dx.float(), dx_ref.float(), **tol)
+        assert_close(dw.float(), dw_ref.float(), **tol)
+        assert_close(db.float(), db_ref.float(), **tol)
+    assert ours.running_mean.dtype == dtype
+    assert_close(ours.running_mean.float(), ref.running_mean.float(), rtol=1e-2, atol=1e-2)
+    assert_close(ours.running_var.float(), ref.running_var.float(), rtol=1e-2, atol=1e-2)

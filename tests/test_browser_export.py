@@ -1,7 +1,9 @@
 """Sharing and export in the real app: a Streamlit server and headless Chromium (Playwright).
 
-Builds a teaching pack and downloads it the way a teacher would, and opens shared links.
-The server and browser fixtures come from tests/conftest.py.
+Builds a teaching pack and downloads it the way a teacher would, opens its HTML figures
+from disk with no network (the lone chart's HTML and the pack's, which share one
+plotly.js), and opens shared links. The server and browser fixtures come from
+tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ PLAY, STEP = re.compile(r"\bPlay$"), re.compile(r"\bStep$")
 LOAD_MS = 90_000  # first page load: the server imports torch and builds a trainer
 WAIT_MS = 60_000  # anything else the page should do (the machine may be busy)
 EXPORT_MS = 240_000  # the teaching pack renders 24 images in one Chromium
+# page_chart_variants_stepN.ext: fields of lower-case letters, digits, "." and "-".
+NAME_RE = re.compile(r"[a-z0-9.-]+_[a-z0-9.-]+_[a-z0-9.-]+_step\d+\.[a-z]+")
 
 
 @pytest.fixture
@@ -66,7 +70,25 @@ def sidebar(page):
     return page.locator('[data-testid="stSidebar"]')
 
 
-def test_build_and_download_the_teaching_pack(server, page, artifacts_dir, tmp_path):
+def assert_draws_offline(browser, html_file) -> None:
+    """Open an HTML figure from disk in a fresh tab that may fetch nothing from a network:
+    plotly.js must come from the file itself or from a file beside it."""
+    context = browser.new_context(offline=True)
+    try:
+        tab = context.new_page()
+        fetched: list[str] = []
+        tab.on("request", lambda request: fetched.append(request.url))
+        tab.goto(html_file.as_uri())
+        tab.wait_for_function(
+            "window.Plotly && document.querySelector('.js-plotly-plot .main-svg')",
+            timeout=WAIT_MS,
+        )
+        assert all(url.startswith("file:") for url in fetched), fetched
+    finally:
+        context.close()
+
+
+def test_build_and_download_the_teaching_pack(server, page, browser, artifacts_dir, tmp_path):
     open_app(page, server)
     assert read_step(page) == 0
     for expected in (1, 2, 3):
@@ -86,6 +108,15 @@ def test_build_and_download_the_teaching_pack(server, page, artifacts_dir, tmp_p
     labels = ["HTML", "CSV"] + (["PNG", "SVG", "PDF"] if static_ok else [])
     for label in labels:
         downloads.filter(has_text=re.compile(rf"^{label}$")).wait_for(timeout=EXPORT_MS)
+    # The lone chart's HTML stands alone: it embeds plotly.js.
+    with page.expect_download(timeout=EXPORT_MS) as info:
+        downloads.filter(has_text=re.compile(r"^HTML$")).click()
+    lone = info.value
+    assert NAME_RE.fullmatch(lone.suggested_filename), lone.suggested_filename
+    assert lone.suggested_filename.startswith("live_loss-accuracy_plain-vs-batchnorm_step3")
+    (tmp_path / "lone").mkdir()
+    lone.save_as(tmp_path / "lone" / lone.suggested_filename)
+    assert_draws_offline(browser, tmp_path / "lone" / lone.suggested_filename)
 
     # The teaching pack.
     panel.get_by_role("button", name=re.compile(r"Build teaching pack \(zip\)$")).click()
@@ -116,6 +147,14 @@ def test_build_and_download_the_teaching_pack(server, page, artifacts_dir, tmp_p
     assert {"README.txt", "config.json", "metrics.csv"} <= names
     html = {n for n in names if n.startswith("figures/") and n.endswith(".html")}
     assert len(html) == len(export.SPEC_TITLES), sorted(names)
+    for name in names - {"figures/plotly.min.js"}:
+        if name.startswith("figures/"):
+            assert NAME_RE.fullmatch(name.removeprefix("figures/")), name
+    # The pack's HTML figures share figures/plotly.min.js and draw from it, offline.
+    unpacked = tmp_path / "pack"
+    zf.extractall(unpacked)
+    for name in sorted(html)[:2]:
+        assert_draws_offline(browser, unpacked / name)
     png = {n for n in names if n.startswith("figures/") and n.endswith(".png")}
     if static_ok:
         assert len(png) == len(export.SPEC_TITLES), sorted(names)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -39,6 +40,23 @@ DATA_FILES = {
     "README.txt",
 }
 STATIC_OK = export.static_export_available()[0]
+SHARED_JS = f"figures/{export.PLOTLY_JS_FILE}"
+# page_chart_variants_stepN.ext: fields of lower-case letters, digits, "." and "-".
+NAME_RE = re.compile(r"[a-z0-9.-]+_[a-z0-9.-]+_[a-z0-9.-]+_step\d+\.[a-z]+")
+
+
+def figure_names(out: Path, step: int) -> dict[str, str]:
+    """Chart key -> the stem of its files, for a plain-vs-batchnorm run at ``step``; the
+    histogram overlay's is the step of the last histogram stored (the one it shows)."""
+    with np.load(out / "histograms.npz") as arrays:
+        shown = max(int(arrays[n].max()) for n in arrays.files if n.endswith("/steps"))
+    steps = {k: shown if k == "histogram_overlay" else step for k in KEYS}
+    return {k: f"live_{k.replace('_', '-')}_plain-vs-batchnorm_step{steps[k]}" for k in KEYS}
+
+
+def figure_paths(out: Path, step: int, formats) -> set[str]:
+    names = figure_names(out, step).values()
+    return {f"figures/{name}.{ext}" for name in names for ext in formats}
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -202,27 +220,41 @@ def test_export_of_a_run_dir_writes_every_figure(exported):
     assert code == 0, stderr
     assert f"to {out}" in stdout
     formats = ["html", "csv"] + (["png", "svg", "pdf"] if STATIC_OK else [])
-    expected = {f"figures/{k}.{ext}" for k in KEYS for ext in formats} | DATA_FILES
+    expected = figure_paths(out, 40, formats) | DATA_FILES | {SHARED_JS}
     written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert written == expected
     assert f"wrote {len(expected)} files" in stdout
     if not STATIC_OK:
         assert "note:" in stderr and "Writing the other formats" in stderr
-    for key in KEYS:
-        html = (out / "figures" / f"{key}.html").read_text("utf-8")
-        assert "<html>" in html[:100] and "<script src=" not in html
-        csv = pd.read_csv(out / "figures" / f"{key}.csv", keep_default_na=False)
+    figures_dir = out / "figures"
+    plotly_js = (figures_dir / export.PLOTLY_JS_FILE).read_bytes()
+    assert plotly_js == export.plotly_js()  # one copy, beside the HTML figures
+    for name in figure_names(out, 40).values():
+        html = (figures_dir / f"{name}.html").read_text("utf-8")
+        assert "<html>" in html[:100] and "Plotly.newPlot" in html
+        assert re.findall(r'<script\b[^>]*\bsrc="([^"]*)"', html) == [export.PLOTLY_JS_FILE]
+        assert len(html) < len(plotly_js) // 10  # plotly.js is not embedded
+        csv = pd.read_csv(figures_dir / f"{name}.csv", keep_default_na=False)
         assert len(csv.columns) > 0
         if STATIC_OK:
-            assert (out / "figures" / f"{key}.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-            assert b"<svg" in (out / "figures" / f"{key}.svg").read_bytes()[:500]
-            assert (out / "figures" / f"{key}.pdf").read_bytes().startswith(b"%PDF")
+            assert (figures_dir / f"{name}.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+            assert b"<svg" in (figures_dir / f"{name}.svg").read_bytes()[:500]
+            assert (figures_dir / f"{name}.pdf").read_bytes().startswith(b"%PDF")
     readme = (out / "README.txt").read_text("utf-8")
     assert "step 40 of 40" in readme
     lines = readme.splitlines()
-    for i, key in enumerate(KEYS, 1):
+    for i, name in enumerate(figure_names(out, 40).values(), 1):
         assert any(line.startswith(f"{i}. ") for line in lines), i
-        assert f"figures/{key}.html" in readme and f"figures/{key}.csv" in readme
+        files = next(line for line in lines if f"files: figures/{name}." in line)
+        assert ".html" in files and files.endswith(".csv"), files
+
+
+def test_export_names_every_figure_file_page_chart_variants_step(exported):
+    out = exported[0]
+    for path in (out / "figures").iterdir():
+        if path.name != export.PLOTLY_JS_FILE:
+            assert NAME_RE.fullmatch(path.name), path.name
+            assert path.name.startswith("live_") and "_plain-vs-batchnorm_step" in path.name
 
 
 def test_export_of_a_run_dir_keeps_the_runs_data(run_dir, exported):
@@ -254,7 +286,7 @@ def test_export_trains_a_preset_and_writes_only_the_formats_asked_for(tmp_path, 
         capsys,
     )
     assert code == 0, err
-    expected = {f"figures/{k}.{ext}" for k in KEYS for ext in ("html", "csv")} | DATA_FILES
+    expected = figure_paths(out, 20, ("html", "csv")) | DATA_FILES | {SHARED_JS}
     written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert written == expected
     assert "note:" not in err  # no static format was asked for

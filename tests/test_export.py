@@ -1,5 +1,5 @@
 """Export: print-ready figures (PNG/SVG/PDF through Kaleido, offline HTML), their data as
-CSV, and the teaching pack.
+CSV, the teaching pack, and the one scheme that names every exported file.
 
 Tests that render through Kaleido need a Chrome/Chromium; they are skipped only where
 ``static_export_available()`` says there is none (CI installs Debian's chromium).
@@ -20,15 +20,21 @@ import numpy as np
 import pandas as pd
 import plotly
 import pytest
+from PIL import Image
 
+from bench.export_pack import _history as benchmark_run
 from bn_core import export
-from bn_core.config import RunConfig, load_preset
+from bn_core.config import RunConfig
 from bn_core.figures import CHARTS
 from bn_core.history import History
 from bn_core.train import Trainer
 
-STEPS = 100
-LR_CHANGE_STEP = 50
+# The run bench/export_pack.py packs, so the pack's size here is the benchmark's.
+STEPS = 600
+LR_CHANGE_STEP = STEPS // 2
+PACK_LIMIT_BYTES = 4_000_000
+# page_chart_variants_stepN.ext: fields of lower-case letters, digits, "." and "-".
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9.-]*_[a-z0-9.-]+_[a-z0-9.-]+_step\d+(\.[a-z]+)?")
 KEYS = [
     "loss_accuracy",
     "preact_heatmaps",
@@ -53,16 +59,9 @@ PLOTLY_JS = (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").re
 
 @pytest.fixture(scope="module")
 def run(one_torch_thread_for_module) -> tuple[History, RunConfig]:
-    """The paper's Fig. 1 set-up for 100 steps on one thread, the learning rate raised
-    half way (a live change the pack must record)."""
-    config = load_preset("ioffe-fig1").replace(
-        steps=STEPS, telemetry_every=5, eval_every=25, device="cpu"
-    )
-    trainer = Trainer(config)
-    trainer.advance(steps=LR_CHANGE_STEP)
-    trainer.set_live(lr=1.0)
-    trainer.advance(steps=STEPS - LR_CHANGE_STEP)
-    return trainer.history, config
+    """The benchmark's run: the paper's Fig. 1 set-up for 600 steps on one thread, the
+    learning rate raised half way (a live change the pack must record)."""
+    return benchmark_run(STEPS, threads=1, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +95,15 @@ def pack(history, config) -> dict:
     """One teaching pack in all formats, with every progress call it made."""
     calls: list[tuple[int, int, str]] = []
     data = export.teaching_pack(history, config, progress=lambda *a: calls.append(a))
-    return {"zip": zipfile.ZipFile(io.BytesIO(data)), "progress": calls}
+    return {"zip": zipfile.ZipFile(io.BytesIO(data)), "progress": calls, "bytes": len(data)}
+
+
+def figure_paths(specs, formats) -> set[str]:
+    return {f"figures/{spec.filename}.{ext}" for spec in specs.values() for ext in formats}
+
+
+SHARED_JS = f"figures/{export.PLOTLY_JS_FILE}"
+DIV_ID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
 
 
 def read_csv(data: bytes) -> pd.DataFrame:
@@ -119,10 +126,39 @@ def assert_same_rows(got: pd.DataFrame, expected: pd.DataFrame) -> None:
 
 
 def test_figure_filename_says_page_chart_variants_and_step():
-    name = export.figure_filename("live", "grad_norms", ["plain", "batchnorm"], 1200)
-    assert name == "live_grad_norms_plain-vs-batchnorm_step1200"
-    odd = export.figure_filename("live", "a chart/with:odd*chars", ["x y"], None)
-    assert odd == "live_a-chart-with-odd-chars_x-y_step0"
+    name = export.figure_filename("live", "grad_norms", ["plain", "batchnorm"], 1200, "png")
+    assert name == "live_grad-norms_plain-vs-batchnorm_step1200.png"
+    one = export.figure_filename("live", "grad_norms", ["plain"], 7)
+    assert one == "live_grad-norms_plain_step7"
+    odd = export.figure_filename("Live", "a chart/with:odd*chars", ["x y", "BN_naive"], None)
+    assert odd == "live_a-chart-with-odd-chars_x-y-vs-bn-naive_step0"
+    assert export.figure_filename("inside", "bn_stages", [], None, "csv") == (
+        "inside_bn-stages_none_step0.csv"
+    )
+    # The camera button's name: the same fields but the step, which moves while it plays.
+    assert export.chart_name("live", "grad_norms", ["plain", "batchnorm"]) == (
+        "live_grad-norms_plain-vs-batchnorm"
+    )
+    # Four fields, split at "_": page, chart, variants, step.
+    page, chart, variants, step = name.removesuffix(".png").split("_")
+    assert (page, chart, variants, step) == ("live", "grad-norms", "plain-vs-batchnorm", "step1200")
+
+
+@pytest.mark.parametrize(
+    "hostile", ["../../etc/passwd", "a\\b", "..", ".hidden", "x\x00y", "ñ数据", "CON:", "", "_"]
+)
+def test_figure_filename_is_safe_on_any_file_system(hostile):
+    name = export.figure_filename(hostile, hostile, [hostile, "plain"], 3, "png")
+    assert NAME_RE.fullmatch(name), name
+    assert ".." not in name and not name.startswith(".")
+    assert all(c.isascii() and (c.isalnum() or c in "_.-") for c in name), name
+    assert len(name.removesuffix(".png").split("_")) == 4
+
+
+def test_chart_titles_are_words_not_keys():
+    assert export.chart_title("percentile_bands") == CHARTS["percentile_bands"].title
+    assert export.chart_title("bn_stages") == "One mini-batch through BN"  # an experiment's
+    assert export.chart_title("made_up_chart") == "Made up chart"
 
 
 def test_figure_specs_cover_the_live_page_in_the_print_theme(specs, history, config):
@@ -134,7 +170,11 @@ def test_figure_specs_cover_the_live_page_in_the_print_theme(specs, history, con
         assert spec.title == spec.figure.layout.title.text and spec.title
         assert spec.caption.startswith(CHARTS[spec.chart].caption)
         assert len(spec.data), key
-        assert re.fullmatch(rf"live_{key}_plain-vs-batchnorm_step\d+", spec.filename)
+        chart = key.replace("_", "-")
+        assert re.fullmatch(rf"live_{chart}_plain-vs-batchnorm_step\d+", spec.filename)
+        assert spec.filename == export.figure_filename(
+            "live", key, ["plain", "batchnorm"], int(spec.filename.rsplit("step", 1)[1])
+        )
     # Percentile bands and the histogram default to the last layer, as the page does.
     assert last_layer in specs["percentile_bands"].title
     assert f"one unit of {last_layer}" in specs["percentile_bands_unit"].title
@@ -304,11 +344,13 @@ def test_no_browser_anywhere_names_debians_chromium_and_browser_path(monkeypatch
     )
 
 
-def test_without_a_browser_the_pack_still_has_html_csv_and_the_run(no_browser, history, config):
+def test_without_a_browser_the_pack_still_has_html_csv_and_the_run(
+    no_browser, history, config, specs
+):
     calls = []
     data = export.teaching_pack(history, config, progress=lambda *a: calls.append(a))
     zf = zipfile.ZipFile(io.BytesIO(data))
-    expected = {f"figures/{k}.{ext}" for k in KEYS for ext in ("html", "csv")} | DATA_FILES
+    expected = figure_paths(specs, ("html", "csv")) | DATA_FILES | {SHARED_JS}
     assert set(zf.namelist()) == expected
     readme = zf.read("README.txt").decode("utf-8")
     assert "PNG, SVG and PDF were skipped: " + export.static_export_available()[1] in readme
@@ -353,26 +395,72 @@ def test_to_static_rejects_an_unknown_format(specs):
         export.to_static([specs["grad_norms"].figure], "jpeg")  # type: ignore[arg-type]
 
 
-def test_pack_png_svg_pdf_are_real_images(pack):
+def test_pack_png_svg_pdf_are_real_images(pack, specs):
     needs_browser()
     zf = pack["zip"]
-    for key in KEYS:
-        png = zf.read(f"figures/{key}.png")
+    for spec in specs.values():
+        png = zf.read(f"figures/{spec.filename}.png")
         assert png[:8] == PNG_SIGNATURE
         assert int.from_bytes(png[16:20], "big") == export.DEFAULT_WIDTH * export.PNG_SCALE
-        root = ET.fromstring(zf.read(f"figures/{key}.svg"))
+        assert Image.open(io.BytesIO(png)).mode == "RGB"  # opaque: no alpha channel stored
+        root = ET.fromstring(zf.read(f"figures/{spec.filename}.svg"))
         assert root.tag == "{http://www.w3.org/2000/svg}svg"
-        pdf = zf.read(f"figures/{key}.pdf")
+        pdf = zf.read(f"figures/{spec.filename}.pdf")
         assert pdf.startswith(b"%PDF") and pdf.rstrip().endswith(b"%%EOF")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_an_opaque_png_loses_its_alpha_channel_and_keeps_its_pixels():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(40, 60, 3), dtype=np.uint8)
+    opaque = np.dstack([rgb, np.full((40, 60), 255, np.uint8)])
+    smaller = export._png_without_alpha(png_bytes(Image.fromarray(opaque, "RGBA")))
+    with Image.open(io.BytesIO(smaller)) as image:
+        assert image.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(image), rgb)
+    see_through = opaque.copy()
+    see_through[0, 0, 3] = 0
+    data = png_bytes(Image.fromarray(see_through, "RGBA"))
+    assert export._png_without_alpha(data) == data  # transparency is kept as it is
 
 
 # --------------------------------------------------------------------------- the pack
 
 
-def test_pack_holds_exactly_the_listed_files(pack, static_ok):
+def test_pack_holds_exactly_the_listed_files(pack, specs, static_ok):
     formats = ("png", "svg", "pdf", "html", "csv") if static_ok else ("html", "csv")
-    expected = {f"figures/{key}.{ext}" for key in KEYS for ext in formats} | DATA_FILES
+    expected = figure_paths(specs, formats) | DATA_FILES | {SHARED_JS}
     assert sorted(pack["zip"].namelist()) == sorted(expected)
+    for path in expected - DATA_FILES - {SHARED_JS}:
+        assert NAME_RE.fullmatch(path.removeprefix("figures/")), path
+
+
+def test_pack_html_figures_share_one_plotly_js_in_the_zip(pack):
+    zf = pack["zip"]
+    assert zf.read(SHARED_JS).decode("utf-8") == PLOTLY_JS
+    html_files = [n for n in zf.namelist() if n.endswith(".html")]
+    assert len(html_files) == len(KEYS)
+    for name in html_files:
+        html = zf.read(name).decode("utf-8")
+        assert PLOTLY_JS[:2000] not in html and len(html) < len(PLOTLY_JS) // 10, name
+        sources = re.findall(r"""<script\b[^>]*\bsrc\s*=\s*["']([^"']+)["']""", html)
+        assert sources == [export.PLOTLY_JS_FILE], (name, sources)
+        # The relative path, from the HTML file's folder, is a file of the zip.
+        folder = name.rsplit("/", 1)[0]
+        assert f"{folder}/{sources[0]}" in zf.namelist()
+        assert "Plotly.newPlot" in html and not re.search(r"https?://", html)
+
+
+def test_pack_of_the_benchmark_run_is_under_4_mb(pack, static_ok):
+    """bench/export_pack.py's run, every format: one plotly.js, not one per figure."""
+    assert static_ok or pack["bytes"] < PACK_LIMIT_BYTES  # trivially, without images
+    if static_ok:
+        assert pack["bytes"] <= PACK_LIMIT_BYTES, f"{pack['bytes'] / 1e6:.2f} MB"
 
 
 def test_pack_config_reproduces_the_run(pack, config):
@@ -394,10 +482,11 @@ def test_pack_keeps_every_metric_histogram_and_live_change(pack, history):
 
 def test_pack_figure_csv_and_html_match_to_csv_and_to_html(pack, specs):
     zf = pack["zip"]
-    for key, spec in specs.items():
-        assert zf.read(f"figures/{key}.csv") == export.to_csv(spec)
-        html = zf.read(f"figures/{key}.html").decode("utf-8")
-        assert PLOTLY_JS in html and '<script src="http' not in html
+    for spec in specs.values():
+        assert zf.read(f"figures/{spec.filename}.csv") == export.to_csv(spec)
+        html = zf.read(f"figures/{spec.filename}.html").decode("utf-8")
+        shared = export.to_html(spec.figure, filename=spec.filename, plotlyjs="plotly.min.js")
+        assert DIV_ID.sub("id", html) == DIV_ID.sub("id", shared)  # each page draws a new id
 
 
 def test_readme_lists_every_figure_and_the_config_in_one_line(pack, specs, config, static_ok):
@@ -405,11 +494,13 @@ def test_readme_lists_every_figure_and_the_config_in_one_line(pack, specs, confi
     for key, spec in specs.items():
         assert spec.title in readme, key
         assert spec.caption in readme, key
-        assert f"figures/{key}.csv" in readme
+        line = next(x for x in readme.splitlines() if f"files: figures/{spec.filename}." in x)
+        assert line.endswith(".csv"), line  # every format, the data last
+    assert f"figures/{export.PLOTLY_JS_FILE}" in readme
     config_lines = [line for line in readme.splitlines() if line.startswith("Config: ")]
     assert len(config_lines) == 1
     assert RunConfig.from_dict(json.loads(config_lines[0][len("Config: ") :])) == config
-    assert "lr 0.5 → 1 at step 50" in readme
+    assert f"lr 0.5 → 1 at step {LR_CHANGE_STEP}" in readme
     assert ("skipped" in readme) is (not static_ok)
 
 
@@ -421,11 +512,11 @@ def test_pack_progress_counts_up_to_its_total(pack):
     assert calls[-1][2] == "README.txt"
 
 
-def test_write_export_writes_the_pack_files_into_a_directory(tmp_path, history, config):
+def test_write_export_writes_the_pack_files_into_a_directory(tmp_path, history, config, specs):
     out = tmp_path / "export"
     written = export.write_export(history, config, out, ("csv", "html"))
     rel = {p.relative_to(out).as_posix() for p in written}
-    assert rel == {f"figures/{k}.{ext}" for k in KEYS for ext in ("csv", "html")} | DATA_FILES
+    assert rel == figure_paths(specs, ("csv", "html")) | DATA_FILES | {SHARED_JS}
     assert all(p.is_file() and p.stat().st_size for p in written)
     assert RunConfig.from_json((out / "config.json").read_text()) == config
     assert "skipped" not in (out / "README.txt").read_text("utf-8")

@@ -11,7 +11,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from bn_core.batchnorm import BatchNorm
-from bn_core.config import RunConfig
+from bn_core.config import ConfigError, RunConfig
 from bn_core.data import load_dataset
 from bn_core.models import LockstepLeNet, LockstepMLP, build_model
 from bn_core.train import _LockstepOptimizer
@@ -482,3 +482,65 @@ def test_bn_runs_match_each_variants_own_net(float64, digits, layout, placement)
         for layer_stats, bn in zip([st for st in stats if st is not None], bns(net), strict=True):
             assert_close(layer_stats[0], bn.running_mean, rtol=1e-12, atol=1e-12)
             assert_close(layer_stats[1], bn.running_var, rtol=1e-12, atol=1e-12)
+
+
+# --- residual blocks ----------------------------------------------------------------------
+class _ReferenceResidualNet(nn.Module):
+    """One variant of a residual MLP written directly with torch.nn layers:
+    layer 1 is Linear -> norm -> act; every later layer is h + act(W N(h) + b) ("pre")
+    or N(h + act(W h + b)) ("post")."""
+
+    def __init__(self, model: LockstepMLP, variant: int, norm_factory, residual: str):
+        super().__init__()
+        self.residual = residual
+        self.act = model.activation
+        self.linears = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        for W, b in zip(model.weights, model.biases, strict=True):
+            lin = nn.Linear(W.shape[1], W.shape[2])
+            with torch.no_grad():
+                lin.weight.copy_(W[variant].T)
+                lin.bias.copy_(b[variant, 0] * model.bias_mask[variant, 0])
+            self.linears.append(lin)
+            self.norms.append(norm_factory(W.shape[2]))
+        self.head = nn.Linear(model.out_weight.shape[1], model.out_weight.shape[2])
+        with torch.no_grad():
+            self.head.weight.copy_(model.out_weight[variant].T)
+            self.head.bias.copy_(model.out_bias[variant, 0])
+
+    def forward(self, x):
+        h = self.act(self.norms[0](self.linears[0](x)))
+        for lin, norm in zip(self.linears[1:], self.norms[1:], strict=True):
+            pre = self.residual == "pre"
+            h = h + self.act(lin(norm(h))) if pre else norm(h + self.act(lin(h)))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("residual", ["pre", "post"])
+def test_residual_blocks_match_a_torch_nn_residual_net(float64, digits, residual):
+    factories = {
+        "plain": lambda c: nn.Identity(),
+        "batchnorm": lambda c: nn.BatchNorm1d(c),
+        "layernorm": lambda c: nn.LayerNorm(c),
+        "groupnorm": lambda c: nn.GroupNorm(4, c),
+        "rmsnorm": lambda c: nn.RMSNorm(c, eps=1e-5),
+    }
+    cfg = mlp_config(variants=list(factories), residual=residual, depth=4, activation="sigmoid")
+    model = LockstepMLP(cfg, 64, 10)
+    x, y = batches(digits, 1, 24)[0]
+    logits, _ = model(x)
+    lockstep_loss(logits, y).mean(1).sum().backward()
+    for v, factory in enumerate(factories.values()):
+        ref = _ReferenceResidualNet(model, v, factory, residual)
+        out = ref(x)
+        assert_close(logits[v], out, rtol=1e-12, atol=1e-12)
+        F.cross_entropy(out, y).backward()
+        for W, lin in zip(model.weights, ref.linears, strict=True):
+            assert_close(W.grad[v], lin.weight.grad.T, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="not a Sequential"):
+        model.to_sequential(0)
+
+
+def test_residual_needs_the_mlp():
+    with pytest.raises(ConfigError, match="residual = 'pre'"):
+        RunConfig(model="lenet", residual="pre")

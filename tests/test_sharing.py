@@ -508,7 +508,7 @@ def test_export_panel_prepares_each_format(panel):
     assert set(download_labels(at)) == expected | {"Download config JSON"}
     key, filename, files = at.session_state.export_chart
     assert key == "loss_accuracy"  # the first chart in the menu
-    assert filename == "live_loss_accuracy_plain-vs-batchnorm_step100"
+    assert filename == "live_loss-accuracy_plain-vs-batchnorm_step100"
     assert set(files) == {e.lower() for e in expected}
     assert b"<html>" in files["html"][:100] and b"<script src=" not in files["html"]
     frame = pd.read_csv(io.BytesIO(files["csv"]), keep_default_na=False)
@@ -538,10 +538,10 @@ def test_export_panel_builds_a_teaching_pack(panel):
     assert {"README.txt", "config.json", "metrics.csv", "events.json", "histograms.npz"} <= names
     static_ok = export.static_export_available()[0]
     formats = ["html", "csv"] + (["png", "svg", "pdf"] if static_ok else [])
-    for key in export.SPEC_TITLES:
-        for ext in formats:
-            assert f"figures/{key}.{ext}" in names, (key, ext)
     trainer = at.session_state.trainer
+    for spec in export.figure_specs(trainer.history, trainer.config):
+        for ext in formats:
+            assert f"figures/{spec.filename}.{ext}" in names, (spec.key, ext)
     assert RunConfig.from_json(zf.read("config.json")) == trainer.config
     metrics = pd.read_csv(io.BytesIO(zf.read("metrics.csv")), keep_default_na=False)
     expected = trainer.history.to_frame()
@@ -577,5 +577,5 @@ def test_exported_files_say_the_step_the_run_is_at(app_path):
     readme = zipfile.ZipFile(io.BytesIO(data)).read("README.txt").decode("utf-8")
     assert "step 3 of 50,000" in readme, readme.splitlines()[3]
     assert [s.filename for s in specs if s.key == "loss_accuracy"] == [
-        "live_loss_accuracy_plain-vs-batchnorm_step3"
+        "live_loss-accuracy_plain-vs-batchnorm_step3"
     ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -16,7 +15,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import streamlit as st
 
-from bn_core import figures
+from bn_core import export, figures
 from bn_core.experiments.charts import EXPERIMENT_CHARTS
 from bn_core.train import Trainer
 
@@ -78,16 +77,13 @@ def plotly_js_src() -> str | None:
 
 
 def chart_filename(page: str, chart: str, trainer: Trainer | None) -> str:
-    """A file name that says what the figure is: page, chart, and the run's variants.
+    """The camera PNG's name: page, chart and the run's variants, as in every exported file.
 
-    Not the step: the chart's config must stay the same from tick to tick, or
-    st.plotly_chart (the fallback) builds the chart anew at every redraw instead of
-    updating it (the export panel's files do name the step).
+    Not the step: the chart's config must stay the same from tick to tick, or the chart
+    is built anew at every redraw instead of updated (Plotly.react starts over on a new
+    config, as st.plotly_chart, the fallback, does). The export panel's files name the step.
     """
-    name = f"bnlab_{page}_{chart}"
-    if trainer is not None:
-        name += f"_{'-vs-'.join(trainer.variant_names)}"
-    return re.sub(r"[^A-Za-z0-9_.\-]+", "-", name)
+    return export.chart_name(page, chart, trainer.variant_names if trainer is not None else ())
 
 
 def show_chart(
@@ -115,6 +111,7 @@ def show_chart(
     info = figures.CHARTS.get(chart) or EXPERIMENT_CHARTS.get(chart)
     if info is not None:
         st.caption(info.caption)
-    # What the page showed last, for its export panel.
+    # What the page showed last, for its export panel: figure, caption, variants, step.
     shown = st.session_state.setdefault("shown_figures", {}).setdefault(page, {})
-    shown[chart] = (fig, info.caption if info is not None else "")
+    run = (tuple(trainer.variant_names), trainer.step) if trainer is not None else ((), None)
+    shown[chart] = (fig, info.caption if info is not None else "", *run)

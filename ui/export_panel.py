@@ -18,6 +18,13 @@ _MIME = {
 }
 
 
+def config_filename(trainer: Trainer) -> str:
+    """The config JSON download's name, in the scheme of every exported file."""
+    return export.figure_filename(
+        export.PAGE, "config", trainer.variant_names, trainer.step, "json"
+    )
+
+
 def _prepare_chart(trainer: Trainer, key: str) -> None:
     """Render one chart in every format from the run as it is now (one browser session)."""
     specs = export.figure_specs(trainer.history, trainer.config)
@@ -93,6 +100,11 @@ def export_panel(trainer: Trainer) -> None:
             )
 
 
+def _shown_run(entry: tuple) -> tuple[tuple[str, ...], int | None]:
+    """The variants and step recorded with a shown chart (none for a chart without a run)."""
+    return (entry[2], entry[3]) if len(entry) >= 4 else ((), None)
+
+
 def page_export_panel(page: str) -> None:
     """Export for a page without a run History: the charts it shows now, as files."""
     ss = st.session_state
@@ -104,11 +116,18 @@ def page_export_panel(page: str) -> None:
         if not available:
             st.info(f"{why} HTML and CSV still export.")
         st.caption("The charts as this page shows them now, in the print theme.")
+        titles = {key: export.chart_title(key, entry[0]) for key, entry in shown.items()}
         c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
-        key = c1.selectbox("Chart", list(shown), key=f"w_export_{page}", persist_state="session")
+        key = c1.selectbox(
+            "Chart",
+            list(shown),
+            format_func=titles.get,
+            key=f"w_export_{page}",
+            persist_state="session",
+        )
         if c2.button("Prepare files", icon=":material/image:", key=f"prep_{page}"):
-            fig, caption = shown[key]
-            spec = export.spec_from_figure(page, key, fig, caption)
+            fig, caption = shown[key][:2]
+            spec = export.spec_from_figure(page, key, fig, caption, *_shown_run(shown[key]))
             with st.spinner(f"Rendering {spec.title}..."):
                 ss[f"export_{page}"] = (key, spec.filename, export.chart_files(spec))
         prepared = ss.get(f"export_{page}")
@@ -125,15 +144,23 @@ def page_export_panel(page: str) -> None:
                 )
         st.divider()
         if st.button("Build a zip of every chart on this page", key=f"zip_{page}"):
-            specs = [export.spec_from_figure(page, k, f, c) for k, (f, c) in shown.items()]
+            specs = [
+                export.spec_from_figure(page, k, entry[0], entry[1], *_shown_run(entry))
+                for k, entry in shown.items()
+            ]
+            # Named by every variant the charts show and the latest step among them.
+            runs = [_shown_run(entry) for entry in shown.values()]
+            variants = list(dict.fromkeys(v for names, _ in runs for v in names))
+            step = max((s for _, s in runs if s is not None), default=None)
+            name = export.figure_filename(page, "all-charts", variants, step)
             with st.spinner(f"Rendering {len(specs)} charts in every format..."):
-                ss[f"export_zip_{page}"] = export.page_pack(specs)
+                ss[f"export_zip_{page}"] = (name, export.page_pack(specs))
         if ss.get(f"export_zip_{page}"):
-            data = ss[f"export_zip_{page}"]
+            name, data = ss[f"export_zip_{page}"]
             st.download_button(
-                f"Download bnlab_{page}_figures.zip ({len(data) / 1e6:.1f} MB)",
+                f"Download {name}.zip ({len(data) / 1e6:.1f} MB)",
                 data,
-                file_name=f"bnlab_{page}_figures.zip",
+                file_name=f"{name}.zip",
                 mime=_MIME["zip"],
                 key=f"dl_zip_{page}",
                 icon=":material/download:",
