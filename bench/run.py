@@ -450,6 +450,28 @@ def lockstep_pair(config: Config) -> dict:
     }
 
 
+@benchmark("normalizers_5", target=2.5)
+def normalizers_5(config: Config) -> dict:
+    """plain, batchnorm, layernorm, groupnorm and rmsnorm in lockstep vs batchnorm alone
+    (same telemetry on both sides)."""
+    from bn_core.train import Trainer
+
+    five = Trainer(
+        _fig1_config(variants=["plain", "batchnorm", "layernorm", "groupnorm", "rmsnorm"])
+    )
+    alone = Trainer(_fig1_config(variants=["batchnorm"]))
+    chunk = 100
+    for trainer in (five, alone):  # evaluations mid-round, as in telemetry_overhead
+        trainer.advance(steps=chunk // 2)
+    rounds = config.pick(9, 31)
+    timing = interleaved(_advance(five, chunk), _advance(alone, chunk), rounds, 1, 2)
+    return {
+        "ours_s": timing.ours_s / chunk,
+        "reference_s": timing.reference_s / chunk,
+        "note": f"s/step, digits, telemetry every 10; {rounds} rounds of {chunk} steps",
+    }
+
+
 def _bare_fig1_nets(seed: int, input_dim: int = 784):
     """The two Fig. 1 nets as a hand-written PyTorch loop would build them."""
 
