@@ -54,7 +54,7 @@ class BatchNormFunction(torch.autograd.Function):
         # From centered values: E[x^2] - E[x]^2 cancels catastrophically in float32 when
         # |mean| >> std, and can go negative.
         var = (x_hat * x_hat).mean(dims, keepdim=True)
-        inv_std = torch.rsqrt(var + eps)
+        inv_std = (var + eps).rsqrt_()
         x_hat.mul_(inv_std)
         # Without gamma the output must not be the saved x_hat itself, or an in-place op
         # after the layer (ReLU(inplace=True)) would corrupt the backward pass.

@@ -45,11 +45,12 @@ class ExampleNormFunction(torch.autograd.Function):
             x_hat = x - mu  # x - mu for now; scaled in place below, so one buffer holds both
             # From centered values: E[x^2] - E[x]^2 cancels catastrophically in float32.
             var = (x_hat * x_hat).mean(dims, keepdim=True)
-        else:
-            x_hat = x.clone()  # mu = 0: x itself, in a buffer of its own to scale in place
+            inv_std = (var + eps).rsqrt_()
+            x_hat.mul_(inv_std)
+        else:  # mu = 0: var is the mean square
             var = (x * x).mean(dims, keepdim=True)
-        inv_std = torch.rsqrt(var + eps)
-        x_hat.mul_(inv_std)
+            inv_std = (var + eps).rsqrt_()
+            x_hat = x * inv_std
         # Without gamma the output must not be the saved x_hat itself, or an in-place op
         # after the layer would corrupt the backward pass.
         if gamma is None:

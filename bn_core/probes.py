@@ -129,7 +129,9 @@ def row_histogram(
     (below low, or at or above high)."""
     # Two extra bins catch what lies outside, then fold into the end bins: cheaper than
     # comparing every value with low and high again.
-    counts = _bin_counts((rows - low).mul_(bins / (high - low)).add_(1), bins + 2)
+    scale = bins / (high - low)
+    # position = (x - low) * scale + 1, as one multiply and one add
+    counts = _bin_counts((rows * scale).add_(1 - low * scale), bins + 2)
     below, above = counts[:, 0], counts[:, -1]
     outside = (below + above) / rows.shape[1]
     inner = counts[:, 1:-1].clone()

@@ -649,6 +649,54 @@ def test_default_live_run_trains_every_bn_layer_through_the_one_function():
         assert m.weight.grad is not None and m.weight.grad.abs().sum() > 0
 
 
+def test_normalizer_variants_train_through_their_own_function_and_are_measured(digits):
+    """LayerNorm, GroupNorm and RMSNorm beside plain and BN: each step's graph has one node
+    of our Functions per normalized layer and no torch normalization node, and every
+    measure the charts read exists for every variant."""
+    norms = ["plain", "batchnorm", "layernorm", "groupnorm", "rmsnorm"]
+    trainer = Trainer(small(variants=norms, steps=30, eval_every=10), digits)
+    graphs: list[list[str]] = []
+    own_loss = trainer.loss_fn
+
+    def loss_and_graph(logits, y):
+        losses = own_loss(logits, y)
+        graphs.append([node.name() for node in graph_nodes(losses.grad_fn)])
+        return losses
+
+    trainer.loss_fn = loss_and_graph
+    trainer.advance(steps=30)
+    depth = trainer.config.depth
+    for names in graphs:
+        assert names.count("BatchNormFunctionBackward") == depth
+        # LayerNorm, GroupNorm and RMSNorm each normalize every hidden layer
+        assert names.count("ExampleNormFunctionBackward") == 3 * depth
+        ours = ("BatchNormFunctionBackward", "ExampleNormFunctionBackward")
+        assert [n for n in names if "norm" in n.lower() and n not in ours] == []
+    metrics = ("unit_p50", "preact_band_p50", "saturation", "grad_norm", "update_ratio")
+    for variant in norms:
+        for metric in metrics:
+            steps, values = trainer.history.series(variant, "layer2", metric)
+            assert len(steps) >= 3 and np.isfinite(values).all(), (variant, metric)
+        assert len(trainer.history.histograms(variant, "layer1", "preact")[0]) >= 3
+    # Running statistics, and their errors, belong to BN alone.
+    assert trainer.history.series("batchnorm", "layer2", "running_var_error")[0].size
+    for variant in ("plain", "layernorm", "groupnorm", "rmsnorm"):
+        assert trainer.history.series(variant, "layer2", "running_var_error")[0].size == 0
+
+
+def test_a_sweep_trains_every_normalization_it_is_given(digits):
+    from bn_core.experiments.sweep import LrSweep
+
+    norms = ("none", "layernorm", "groupnorm", "rmsnorm")
+    sweep = LrSweep(small(), [0.1, 1.0], norms=norms, steps=20, dataset=digits)
+    while not sweep.finished:
+        sweep.advance(1.0)
+    result = sweep.result()
+    labels = {p.label for p in result.points}
+    assert labels == {"plain", "layernorm", "groupnorm", "rmsnorm"}
+    assert all(np.isfinite(p.loss) for p in result.points)
+
+
 def test_skipping_the_steps_the_bounded_history_drops_changes_nothing_it_keeps(digits):
     # With 12 points per series the history thins from step 60 on (probes every 5 steps)
     # and the trainer stops measuring the steps it would drop (bench/ times the saving);
