@@ -118,7 +118,30 @@ def builders(
         ),
         "placement": lambda theme: charts.placement_chart(placement, threshold=0.97, theme=theme),
         "lr_sweep": lambda theme: charts.lr_sweep_chart(sweep, theme=theme),
+        "small_batch": lambda theme: charts.small_batch_chart(_small_batch_result(), theme=theme),
     }
+
+
+def _small_batch_result():
+    """A made-up study: the chart draws whatever numbers it is given (the study's own
+    numbers are tested in tests/test_small_batch.py)."""
+    from bn_core.experiments.small_batch import BatchOne, BatchSizeRow, StudyResult
+
+    rows = [
+        BatchSizeRow(
+            b,
+            100,
+            {"plain": 0.8, "batchnorm": 0.9, "layernorm": 0.85, "groupnorm": 0.86},
+            0.8,
+            0.1,
+            0.2,
+            0.3 / b,
+            {},
+        )
+        for b in (2, 4, 8)
+    ]
+    one = BatchOne("refused", "refused", 100, {"plain": 0.2, "layernorm": 0.6, "groupnorm": 0.5})
+    return StudyResult(rows, one, 100, (2, 4, 8), 359, 0, 300, None)
 
 
 # --- helpers ---------------------------------------------------------------------------------

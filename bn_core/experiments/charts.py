@@ -26,6 +26,7 @@ from bn_core.experiments.inside import (
     Stages,
     TrainEvalGap,
 )
+from bn_core.experiments.small_batch import StudyResult
 from bn_core.experiments.sweep import USABLE_WITHIN, SweepResult
 from bn_core.figures import (
     GUIDE_COLOR,
@@ -55,6 +56,7 @@ __all__ = [
     "placement_chart",
     "scale_invariance_chart",
     "sci_format",
+    "small_batch_chart",
     "stages_histograms",
     "train_eval_gap_chart",
 ]
@@ -160,6 +162,16 @@ EXPERIMENT_CHARTS: dict[str, ChartInfo] = {
             "shaded span is the range of learning rates that works for that variant. "
             "BN's span is typically much wider, the effect behind the paper's BN-x5 and "
             "BN-x30.",
+        ),
+        ChartInfo(
+            "small_batch",
+            "Test accuracy and BN's running statistics against the batch size",
+            "Top: each point is one net's test accuracy after the same number of steps at "
+            "that batch size, all from the same initial weights; solid blue is BN with its "
+            "running statistics (eval mode), dashed blue the same BN normalizing each test "
+            "batch by itself (train mode). Bottom: how far BN's running variances are from "
+            "the variances they estimate, relative to their size. Compare BN with LayerNorm "
+            "and GroupNorm at each size.",
         ),
     )
 }
@@ -890,3 +902,91 @@ def lr_sweep_chart(result: SweepResult, *, theme: str = "screen") -> go.Figure:
         subtitle=f"{done}; usable (shaded, and the bars under 0%): did not diverge and "
         f"ended within {USABLE_WITHIN:.0%} of the best accuracy",
     )
+
+
+# --------------------------------------------------------------------------- small batches
+# BN's two ways to predict share its colour; train mode is dashed.
+_BN_MODES = (("eval mode (running statistics)", None), ("train mode (batch statistics)", "dash"))
+
+
+def small_batch_chart(result: StudyResult, *, theme: str = "screen") -> go.Figure:
+    """Per batch size (log x): every variant's test accuracy, BN's in both modes, the
+    per-example norms and the plain net at batch 1 too; below, BN's relative
+    running-variance error (log y)."""
+    _check_theme(theme)
+    scale = 0.8
+    canvas = _Canvas(2, 1, shared_x=True, vertical_spacing=_spacing(56, 2, scale))
+    canvas.panel_scale = scale
+    acc_panel, err_panel = canvas.panel(1, 1), canvas.panel(2, 1)
+    rows = result.rows
+    sizes = np.array([r.batch_size for r in rows], dtype=float)
+    one = result.batch_one.accuracy or {}
+    for i, variant in enumerate(("plain", "batchnorm", "layernorm", "groupnorm")):
+        color = variant_color(variant, i)
+        if variant == "batchnorm":
+            for (mode, dash), values in zip(
+                _BN_MODES,
+                (
+                    [r.accuracy["batchnorm"] for r in rows],
+                    [r.bn_train_mode_accuracy for r in rows],
+                ),
+                strict=True,
+            ):
+                name = f"batchnorm, {mode}"
+                trace = _trace(
+                    sizes, values, name, color, dash=dash, mode="lines+markers", hover="%{y:.1%}"
+                )
+                if dash:
+                    trace["marker"]["symbol"] = "circle-open"
+                canvas.add(acc_panel, trace)
+            continue
+        x, y = list(sizes), [r.accuracy[variant] for r in rows]
+        if variant in one:  # trained at batch 1 as well
+            x, y = [1.0, *x], [one[variant], *y]
+        canvas.add(
+            acc_panel,
+            _trace(x, y, variant, color, mode="lines+markers", hover="%{y:.1%}"),
+        )
+    relative = np.array([r.relative_var_error for r in rows])
+    canvas.add(
+        err_panel,
+        _trace(
+            sizes,
+            relative,
+            "batchnorm: |running var − var| / running var",
+            variant_color("batchnorm", 1),
+            mode="lines+markers",
+            showlegend=False,
+            hover="%{y:.3g}",
+        ),
+    )
+    ticks = sorted({1, *result.batch_sizes})
+    x_axis = {
+        "type": "log",
+        "tickvals": ticks,
+        # BN has no point at batch 1: it refuses to train there.
+        "ticktext": ["1<br>BN refuses" if b == 1 else str(b) for b in ticks],
+        "range": [math.log10(0.75), math.log10(max(ticks) * 1.3)],
+    }
+    _panel_title(canvas, acc_panel, "test accuracy at the last step")
+    _panel_title(canvas, err_panel, "BN's running-variance error, relative")
+    canvas.axis(
+        acc_panel,
+        y_title="test accuracy",
+        x=x_axis,
+        y={"tickformat": ".0%", "range": [0, 1.05], "tickvals": [0, 0.2, 0.4, 0.6, 0.8, 1.0]},
+    )
+    canvas.axis(
+        err_panel,
+        x_title="batch size (log scale)",
+        y_title="mean over layers (log)",
+        x=x_axis,
+        y=_log_axis([relative]),
+    )
+    canvas.layout["hovermode"] = "x unified"
+    done = f"{result.steps:,} steps at each batch size (examples seen: steps × batch size)"
+    if len(rows) < len(result.batch_sizes):
+        # Only what changes with a row: a figure that stays the same is not redrawn.
+        done += f"; {len(rows)} of {len(result.batch_sizes)} batch sizes done"
+    subtitle = f"{done}; accuracy on {result.test_examples} test images"
+    return canvas.figure(EXPERIMENT_CHARTS["small_batch"].title, theme, subtitle=subtitle)
