@@ -1,6 +1,7 @@
 """BatchNorm Lab: the Streamlit entry point, a router with a shared look and sidebar."""
 
 import os
+from pathlib import Path
 
 import streamlit as st
 import torch
@@ -30,8 +31,12 @@ pages = [
     st.Page("pages/inside_batchnorm.py", title="Inside a BatchNorm layer", icon=":material/tune:"),
     st.Page("pages/ics_question.py", title="Does BN reduce ICS?", icon=":material/help:"),
     st.Page("pages/lr_sweep.py", title="Learning-rate sweep", icon=":material/speed:"),
+    st.Page("pages/small_batches.py", title="Small batches and inference", icon=":material/apps:"),
 ]
 page = st.navigation(pages)
+# Focus rings, no fading of live charts while a fragment reruns, screen-reader text: a style
+# sheet alone, which Streamlit adds to the page without taking any room.
+st.html(Path(__file__).with_name("static") / "look.css")
 with st.sidebar:
     st.markdown("### :material/insights: BatchNorm Lab")
     st.caption("See internal covariate shift and Batch Normalization at work.")
