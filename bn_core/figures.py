@@ -25,10 +25,11 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
-from bn_core.history import History
+from bn_core.history import Event, History
 
 __all__ = [
     "CHARTS",
+    "DARK_SCREEN",
     "OKABE_ITO",
     "THEMES",
     "VARIANT_COLORS",
@@ -77,6 +78,7 @@ VARIANT_COLORS = {
 _OTHER_COLORS = ("#332288", "#44AA99", "#882255")
 
 EVENT_COLOR = "#7F7F7F"
+EVENT_LABELS = 3  # live changes labelled on a chart: the newest, one row each
 GUIDE_COLOR = "#999999"
 NO_DATA = "no data yet"
 STEP_AXIS = "training step"
@@ -139,8 +141,10 @@ CHARTS: dict[str, ChartInfo] = {
             "saturation",
             "Saturated units per layer",
             "The share of activations stuck on a flat part of the nonlinearity, where "
-            "little gradient gets through. A rising curve means the layer is learning "
-            "less and less.",
+            "little gradient gets through; a rising curve means the layer learns less and "
+            "less. The axis zooms in (to at least 5 %) so small shares show: near zero, as "
+            "in the Figure 1 preset, is the finding, the sigmoids staying in their "
+            "sensitive range.",
         ),
         ChartInfo(
             "grad_norms",
@@ -215,6 +219,15 @@ THEMES: dict[str, _Theme] = {
     # Slides and handouts: readable from the back of a room, with dark axis lines.
     "print": _Theme(18, 24, 17, 19, 15, 20, 2.0, 1.0, (80, 34, 70), 320, "#444444"),
 }
+
+# The screen theme on a dark page. Figures are always built light, so every export (print
+# theme included) stays white; the chart component (ui/plotly_react.js) recolours a chart
+# when the app's own theme is dark, at once when a reader switches. The page's background
+# and text colours come from the app's theme; dark greys (labels, black lines) turn light,
+# white fills take the page's background, and the other colours, the variants', stay as
+# they are. Grid, zero and axis lines take this one colour, as faint on the dark page as the
+# screen theme's are on white.
+DARK_SCREEN = {"grid": "#2E2C29"}
 
 
 @functools.cache
@@ -477,19 +490,26 @@ class _Canvas:
         )
 
     def events(self, history: History, panels: Sequence[_Panel] | None = None) -> None:
-        """A dotted grey vertical line with its label at every live change, on every panel.
+        """A dotted grey vertical line at every live change, on every panel.
 
         Changes made at the same step share one line and one label ("lr 8 → 0.5,
-        momentum 0 → 0.9"); labels of successive steps are staggered over three lines.
+        momentum 0 → 0.9"). Only the newest EVENT_LABELS steps are labelled, the newest
+        on the top row and each on a row of its own, so no two labels overlap however
+        close their steps are; older lines carry a small mark at their foot that shows
+        their label on hover. Labels never widen the step axis (see ``_clip_steps``).
         """
-        labels: dict[int, list[str]] = {}
+        by_step: dict[int, list[Event]] = {}
         for event in history.events:
-            labels.setdefault(event.step, []).append(event.label)
-        end = max([history.last_step() or 0, *labels])
+            by_step.setdefault(event.step, []).append(event)
+        if not by_step:
+            return
+        end = max([history.last_step() or 0, *by_step])
+        labelled = sorted(by_step)[-EVENT_LABELS:]
         for panel in panels if panels is not None else self.active:
-            for level, (step, texts) in enumerate(labels.items()):
-                # Late in the run the label goes left of its line, inside the panel.
-                right = step > 0.7 * end
+            _clip_steps(self.layout[panel.xaxis], end)
+            for step, events in by_step.items():
+                text = ", ".join(e.label for e in events)
+                hover = "<br>".join(e.detail for e in events)
                 self.layout["shapes"].append(
                     {
                         "type": "line",
@@ -504,23 +524,30 @@ class _Canvas:
                         "layer": "above",
                     }
                 )
-                self.layout["annotations"].append(
-                    {
-                        "name": "event",
-                        "text": ", ".join(texts),
-                        "xref": panel.x,
-                        "yref": panel.y + " domain",
-                        "x": step,
-                        "y": 1,
-                        "xanchor": "right" if right else "left",
-                        "yanchor": "top",
-                        "xshift": -3 if right else 3,
-                        "yshift": -(level % 3) * 1.4 * THEMES["screen"].label,
-                        "showarrow": False,
-                        "font": {"color": "#555555"},
-                        "bgcolor": "rgba(255,255,255,0.75)",
-                    }
-                )
+                annotation = {
+                    "name": "event",
+                    "xref": panel.x,
+                    "yref": panel.y + " domain",
+                    "x": step,
+                    "showarrow": False,
+                    "font": {"color": "#555555"},
+                    "hovertext": hover,
+                }
+                if step in labelled:
+                    row = len(labelled) - 1 - labelled.index(step)  # the newest on top
+                    right = step > 0.7 * end  # late in the run: left of its line, inside
+                    annotation.update(
+                        text=text,
+                        y=1,
+                        xanchor="right" if right else "left",
+                        yanchor="top",
+                        xshift=-3 if right else 3,
+                        yshift=-row * 1.4 * THEMES["screen"].label,
+                        bgcolor="rgba(255,255,255,0.75)",
+                    )
+                else:
+                    annotation.update(text="▴", y=0, xanchor="center", yanchor="bottom")
+                self.layout["annotations"].append(annotation)
 
     def _note_empty(self, panel: _Panel) -> None:
         """Say "no data yet" in an empty panel, drawn with blank axes rather than left out."""
@@ -599,6 +626,17 @@ def _gap(pixels: float, rows: int) -> float | None:
     if rows < 2:
         return None
     return round(pixels / (rows * THEMES["screen"].panel_height), 4)
+
+
+def _clip_steps(axis: dict[str, Any], end: int) -> None:
+    """Keep an autoranged step axis within the run's steps, 0 to ``end``.
+
+    plotly.js widens an autoranged axis until every annotation placed on it fits, so the
+    labels of live changes near either end of a run stretched the step axis far past
+    it (to -2,000 with many labels). The data never reach past the run's steps.
+    """
+    if end > 0:
+        axis["autorangeoptions"] = {"clipmin": 0, "clipmax": end}
 
 
 def _layer_grid(n: int) -> tuple[int, int]:
@@ -1006,14 +1044,16 @@ def saturation(
         y_title, title = "share of dead units", "Dead ReLU units per layer"
     else:
         raise ValueError(f"activation = {activation!r}: allowed: sigmoid, tanh, relu")
-    canvas, _ = _per_layer(
-        history,
-        "saturation",
-        y_title,
-        y_range=(0, 1.02),
-        tickformat=".0%",
-        hover="saturated ",
-    )
+    canvas, panels = _per_layer(history, "saturation", y_title, hover="saturated ")
+    # A fixed 0-100 % axis drew the usual outcome, a share under 1 %, as a line on the
+    # floor. So the axis zooms in to the data, from 0 and to at least 5 %.
+    zoom = {
+        "rangemode": "tozero",
+        "autorangeoptions": {"include": [0, 0.05], "clipmax": 1.02},
+        "tickformat": ".2~%",
+    }
+    for panel in panels:
+        canvas.axis(panel, y=zoom)
     return canvas.figure(title, theme, subtitle=rule + " (on the fixed probe batch)")
 
 
@@ -1110,7 +1150,7 @@ def percentile_bands(
         canvas.axis(panel, x_title=STEP_AXIS, y_title=y_title)
     canvas.events(history)
     if unit:
-        title = f"Input to one unit of {layer} over training (Ioffe & Szegedy, Fig. 1b/c)"
+        title = f"One unit's input in {layer} (Ioffe & Szegedy, Fig. 1b/c)"
         subtitle = "lines: 15th, 50th (bold) and 85th percentiles over the probe batch"
     else:
         title = f"Inputs to the nonlinearity in {layer}, all units pooled"

@@ -49,19 +49,36 @@ def _compact(x: float) -> str:
     return text
 
 
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))  # nan stands for None (bn_momentum)
+
+
 @dataclass(frozen=True)
 class Event:
-    """A live change of a hyper-parameter between steps, e.g. the learning rate."""
+    """A live change of a hyper-parameter between steps, e.g. the learning rate.
+
+    Several changes of one setting made in quick succession (a slider moved key press by
+    key press) are one event: ``old`` is the value before the first, ``new`` the value
+    after the last, and ``until`` the step of the last when it came later than ``step``.
+    """
 
     step: int
     name: str  # e.g. "lr", "momentum", "bn_momentum"
     old: float
     new: float
+    until: int | None = None
 
     @property
     def label(self) -> str:
         """Short chart annotation, e.g. ``"lr 0.1 → 1"``."""
         return f"{self.name} {_compact(self.old)} → {_compact(self.new)}"
+
+    @property
+    def detail(self) -> str:
+        """The label with where it happened, e.g. ``"lr 0.1 → 1 over steps 1,200–1,450"``."""
+        if self.until is None:
+            return f"{self.label} at step {self.step:,}"
+        return f"{self.label} over steps {self.step:,}–{self.until:,}"
 
 
 class _Track:
@@ -429,12 +446,37 @@ class History:
 
     # ------------------------------------------------------------------ events
 
-    def add_event(self, step: int, name: str, old: float, new: float) -> Event:
-        """Record a live change of hyper-parameter ``name`` taking effect at ``step``."""
-        event = Event(int(step), name, float(old), float(new))
+    def add_event(
+        self, step: int, name: str, old: float, new: float, *, merge: bool = False
+    ) -> Event | None:
+        """Record a live change of hyper-parameter ``name`` taking effect at ``step``.
+
+        ``merge=True`` folds it into the last event of ``name``, which keeps its step and
+        its ``old`` and takes this ``new``; when that brings the setting back to where the
+        event started, the event is dropped and None returned (nothing changed in the end).
+        """
+        step, old, new = int(step), float(old), float(new)
         with self._lock:
-            self.events.append(event)
+            events = self.events
+            last = next((i for i in range(len(events) - 1, -1, -1) if events[i].name == name), None)
+            # A new list on every change, never one edited in place: a chart drawn in
+            # another thread may be iterating over the old one.
+            if merge and last is not None:
+                first = events[last]
+                if _same(first.old, new):
+                    self.events = events[:last] + events[last + 1 :]
+                    return None
+                until = step if step > first.step else first.until
+                event = Event(first.step, name, first.old, new, until)
+                self.events = [*events[:last], event, *events[last + 1 :]]
+                return event
+            event = Event(step, name, old, new)
+            self.events = [*events, event]
         return event
+
+    def last_event(self, name: str) -> Event | None:
+        """The latest event of setting ``name``, or None."""
+        return next((e for e in reversed(self.events) if e.name == name), None)
 
     # ------------------------------------------------------------------ memory
 

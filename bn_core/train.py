@@ -2,7 +2,8 @@
 
 A UI interleaves ``advance(seconds=0.15)`` with drawing; the CLI calls ``advance(steps=n)``.
 Learning rate, SGD momentum and BN momentum change between steps through ``set_live``,
-and each change is recorded as an event in the history.
+and each change is recorded as an event in the history (changes in quick succession as
+one).
 
 The Trainer owns the loop. What is recorded at a logged step lives in
 ``bn_core/telemetry.py``; experiments plug further measurements in as ``Measure`` objects
@@ -265,8 +266,16 @@ class Trainer:
                     s.state = "finished"
         return done
 
-    def set_live(self, **changes: float | None) -> list[Event]:
-        """Change lr, momentum or bn_momentum from the next step; returns the events."""
+    def set_live(self, *, merge: bool = False, **changes: float | None) -> list[Event]:
+        """Change lr, momentum or bn_momentum from the next step; returns the events.
+
+        A change at the step of the setting's last change (no step trained in between)
+        is part of that change. ``merge=True`` also folds it into the setting's last
+        event from an earlier step: a UI passes it for changes made in quick succession,
+        so a slider stepped key by key from 0 to 0.9 is one event, "momentum 0 → 0.9",
+        not ninety. A change that brings a setting back to where its event started
+        removes the event.
+        """
         for name, value in changes.items():
             if name not in LIVE_FIELDS:
                 allowed = "allowed live settings: " + ", ".join(LIVE_FIELDS)
@@ -285,14 +294,17 @@ class Trainer:
             else:
                 for module in self.telemetry.bn_layers:
                     module.momentum = value
-            events.append(
-                self.history.add_event(
-                    self.step,
-                    name,
-                    math.nan if old is None else old,
-                    math.nan if value is None else value,
-                )
+            last = self.history.last_event(name)
+            same_step = last is not None and self.step == (last.until or last.step)
+            event = self.history.add_event(
+                self.step,
+                name,
+                math.nan if old is None else old,
+                math.nan if value is None else value,
+                merge=merge or same_step,
             )
+            if event is not None:
+                events.append(event)
         return events
 
     def status_line(self, activity: str | None = None) -> str:

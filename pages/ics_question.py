@@ -8,10 +8,10 @@ from bn_core.config import ConfigError, load_preset
 from bn_core.experiments import make_trainer
 from bn_core.experiments.ics import claims_summary
 from bn_core.train import Trainer
-from ui import load
 from ui.charts import show_chart
 from ui.claims_panel import show_claims
 from ui.export_panel import page_export_panel
+from ui.player import Player
 from ui.session import VARIANT_CHOICES, VARIANT_HELP
 
 PAGE = "ics"
@@ -39,8 +39,9 @@ SETTINGS = (
 ss = st.session_state
 
 
-def new_run() -> None:
-    """A fresh run with the length and cadences chosen; a bad choice keeps the old run."""
+def new_run() -> bool:
+    """A fresh run with the length and cadences chosen; a bad choice keeps the old run.
+    True if it started."""
     try:
         if not ss.ics_w_variants:
             raise ConfigError("variants", [], "allowed: pick at least one variant")
@@ -48,22 +49,25 @@ def new_run() -> None:
         ss.ics_trainer = make_trainer(config)
     except ConfigError as err:
         ss.ics_message = f"Not restarted, the current run is kept. {err}"
-        return
+        return False
     ss.ics_claims = ClaimBook(load_claims(PRESET))
-    ss.ics_playing = False
-
-
-def set_playing(on: bool) -> None:
-    ss.ics_playing = on and not ss.ics_trainer.finished
+    return True
 
 
 base = load_preset(PRESET)
 for field in SETTINGS:
     value = getattr(base, field)
     ss.setdefault(f"ics_w_{field}", [v.name for v in value] if field == "variants" else value)
-ss.setdefault("ics_playing", False)
 if "ics_trainer" not in ss:
     new_run()
+player = Player(
+    "ics",
+    run_key="ics_trainer",
+    playing_key="ics_playing",
+    tick_seconds=TICK_SECONDS,
+    train_seconds=TRAIN_SECONDS,
+)
+player.apply_wishes()  # before anything is drawn, so the page shows what the clicks did
 
 st.title("Does BN reduce internal covariate shift?")
 st.caption(
@@ -196,33 +200,17 @@ if ss.get("ics_message"):
     message.error(ss.ics_message)
     ss.ics_message = None
 
-trainer: Trainer = ss.ics_trainer
 b1, b2, _ = st.columns([1, 1, 5])
-b1.button(
-    "Pause" if ss.ics_playing else "Play",
-    on_click=set_playing,
-    args=(not ss.ics_playing,),
-    type="primary",
-    icon=":material/pause:" if ss.ics_playing else ":material/play_arrow:",
-    disabled=trainer.finished,
-    width="stretch",
-    key="ics_play",
-)
-b2.button("Restart", on_click=new_run, icon=":material/restart_alt:", width="stretch")
+player.play_button(b1)
+player.reset_button(b2, new_run, label="Restart")
 
 
-@st.fragment(run_every=TICK_SECONDS if ss.ics_playing else None)
 def ics_panel() -> None:
     trainer: Trainer = ss.ics_trainer
-    if ss.ics_playing:
-        trainer.advance(seconds=load.training_seconds(TRAIN_SECONDS))
-        if trainer.finished:
-            ss.ics_playing = False
-            st.rerun()
     cfg = trainer.config
-    st.progress(
-        trainer.step / cfg.steps,
-        text=trainer.status_line(None if ss.ics_playing else "paused"),
+    player.status(
+        trainer.status_line(None if player.playing else player.state),
+        progress=trainer.step / cfg.steps,
     )
     history = trainer.history
     layers = history.layers() or trainer.model.layer_names
@@ -275,8 +263,5 @@ def ics_panel() -> None:
     )
 
 
-# In a container of its own: the panel's element count changes between its reruns, and
-# the elements after it must not move (or a stale copy of them lingers on screen).
-with st.container():
-    ics_panel()
+player.panel(ics_panel)
 page_export_panel(PAGE)

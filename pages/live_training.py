@@ -1,15 +1,18 @@
 """Live training: the same net with and without BatchNorm, trained side by side."""
 
+import functools
+
 import streamlit as st
 
 from bn_core import figures
 from bn_core.config import FIELDS
 from bn_core.data import DATASETS
 from bn_core.train import Trainer
-from ui import load, session
+from ui import session
 from ui.charts import show_chart
 from ui.claims_panel import show_claims
 from ui.export_panel import config_filename, export_panel
+from ui.player import Player
 
 # The browser asks for a tick every TICK_SECONDS (a request that comes while a tick runs
 # waits for it, then starts at once). A tick trains up to TRAIN_SECONDS and then draws,
@@ -23,11 +26,28 @@ from ui.export_panel import config_filename, export_panel
 # 100,000-step run busy on the same cores.
 TICK_SECONDS = 0.2
 TRAIN_SECONDS = 0.08  # the most a tick trains (alone on the server)
+JUMP_NOTE = (
+    "A jump meets the plain net with weights tuned to the old rate, and it dies while BN "
+    "survives; raised a notch every two seconds, the rate lets the plain net adapt."
+)
 
 ss = session.state()
+player = Player(
+    "live",
+    run_key="trainer",
+    playing_key="playing",
+    tick_seconds=TICK_SECONDS,
+    train_seconds=TRAIN_SECONDS,
+    fit_to_tick=True,
+)
+player.apply_wishes()  # before anything is drawn, so the page shows what the clicks did
 
-# --- sidebar: live settings first (they act at once), then the set-up (needs Reset) ------
-with st.sidebar:
+
+@st.fragment
+def live_settings() -> None:
+    """The live sliders rerun on their own: a key press on one costs these few widgets,
+    answered between two ticks, where a run of the whole page (stopping the tick in
+    flight) took 0.7 s a press while training. The tick applies what they ask."""
     st.subheader("Live settings")
     st.caption("These act from the next step, without a reset.")
     st.select_slider(
@@ -37,9 +57,20 @@ with st.sidebar:
         persist_state="session",
         format_func=lambda v: f"{v:g}",
         on_change=session.on_live,
-        args=("lr",),
+        args=(player, "lr"),
         help=FIELDS["lr"].help + " (log scale, 1e-4 to 10)",
     )
+    st.button(
+        f"×{session.JUMP_FACTOR} now",
+        key="w_lr_jump",
+        on_click=session.jump_lr,
+        args=(player,),
+        icon=":material/bolt:",
+        disabled=ss.w_lr >= session.LR_CHOICES[-1],
+        help=f"The learning rate times {session.JUMP_FACTOR} (at most "
+        f"{session.LR_CHOICES[-1]:g}) in one change: 0.5 straight to 10",
+    )
+    st.caption(JUMP_NOTE)
     st.slider(
         "SGD momentum",
         0.0,
@@ -48,7 +79,7 @@ with st.sidebar:
         key="w_momentum",
         persist_state="session",
         on_change=session.on_live,
-        args=("momentum",),
+        args=(player, "momentum"),
         help="0 is plain SGD; 0.9 is the usual heavy-ball setting",
     )
     st.select_slider(
@@ -58,12 +89,18 @@ with st.sidebar:
         persist_state="session",
         format_func=session.format_rate,
         on_change=session.on_live,
-        args=("bn_momentum",),
+        args=(player, "bn_momentum"),
         help="running = (1 - m) * running + m * batch statistic (PyTorch's convention)",
     )
+    session.sync_url()
+
+
+# --- sidebar: live settings first (they act at once), then the set-up (needs Reset) ------
+with st.sidebar:
+    live_settings()
 
     st.subheader("Set-up")
-    st.caption("Changes here wait for **Reset**, so a run is never restarted by surprise.")
+    st.caption(session.SETUP_RULE)
     presets = list(session.list_presets())
     st.selectbox(
         "Preset",
@@ -74,7 +111,13 @@ with st.sidebar:
         format_func=session.preset_label,
         on_change=session.on_preset,
     )
-    st.caption(session.list_presets()[ss.preset]["description"])
+    changed = session.custom_changes()
+    if changed:
+        st.caption(
+            f"**Custom (from {session.preset_label(ss.preset)})**: " + "; ".join(changed) + "."
+        )
+    else:
+        st.caption(session.list_presets()[ss.preset]["description"])
     st.multiselect(
         "Variants",
         session.variant_options(),
@@ -167,17 +210,24 @@ with st.sidebar:
         "Load a config JSON",
         type=["json"],
         key="w_upload",
-        on_change=lambda: ss.w_upload and session.load_uploaded_config(ss.w_upload.getvalue()),
+        on_change=lambda: (
+            ss.w_upload
+            and player.wish(
+                restart=functools.partial(session.load_uploaded_config, ss.w_upload.getvalue())
+            )
+        ),
         help="Starts a fresh run with the uploaded set-up; a bad file leaves this run untouched",
     )
 
-session.sync_url()
-
 # --- main area ---------------------------------------------------------------------------
-st.title("Live training")
-st.caption(
-    "The same net, from the same initial weights and on the same mini-batches, trained "
-    "with and without Batch Normalization. Press Play, then move the learning rate."
+# Laid out for a projector (1280 x 720): the title shares its row with the buttons, the
+# view's controls take one row, and the loss chart and the chosen view's chart stand side
+# by side, so both show without scrolling. On a narrow screen Streamlit stacks the columns.
+heading, buttons = st.columns(2, vertical_alignment="bottom")
+heading.title(
+    "Live training",
+    help="One net, from the same weights and on the same batches, with and without Batch "
+    "Normalization. Press Play, then move the learning rate.",
 )
 session.show_message()
 
@@ -193,91 +243,81 @@ elif differs:
         "the current run continues until then."
     )
 
-b1, b2, b3, b4, _ = st.columns([1, 1, 1, 1, 4])
-b1.button(
-    "Pause" if ss.playing else "Play",
-    on_click=session.set_playing,
-    args=(not ss.playing,),
-    type="primary",
-    icon=":material/pause:" if ss.playing else ":material/play_arrow:",
-    disabled=ss.trainer.finished,
-    width="stretch",
-)
-b2.button(
-    "Step",
-    on_click=session.step_once,
-    args=(ss.trainer.step,),
-    icon=":material/skip_next:",
-    width="stretch",
-)
-b3.button(
-    "Reset",
-    on_click=session.reset,
-    icon=":material/restart_alt:",
-    type="primary" if differs else "secondary",
-    disabled=problem is not None,
-    width="stretch",
-)
-
-VIEWS = {
-    "Fig. 1 percentiles": "percentile_bands",
-    "Distributions": "preact_heatmaps",
-    "Saturation": "saturation",
-    "Gradient norms": "grad_norms",
-    "Update:data ratio": "update_ratio",
-}
+# A row of their own that does not stack on a phone, as columns would.
+buttons = buttons.container(horizontal=True, gap="small")
+player.play_button(buttons)
+player.step_button(buttons)
+player.reset_button(buttons, session.reset, primary=bool(differs), disabled=problem is not None)
 
 
-@st.fragment(run_every=TICK_SECONDS if ss.playing else None)
-def live_panel() -> None:
-    trainer = ss.trainer
-    if ss.playing:
-        trainer.advance(seconds=load.training_seconds(TRAIN_SECONDS, tick=TICK_SECONDS))
-        if trainer.finished:
-            ss.playing = False
-            st.rerun()  # the whole page, so the Play button shows the finished state
-    with load.drawing():
-        draw_panel(trainer)
+LAYER_VIEWS = ("Fig. 1 percentiles", "Distributions")  # the views of one layer
 
 
-def draw_panel(trainer: Trainer) -> None:
-    """The status line, the loss chart and the chosen view's chart, from the run so far."""
-    activity = None if ss.playing else ("finished" if trainer.finished else "paused")
-    st.markdown(f"**{trainer.status_line(activity)}**")
+def draw_panel() -> None:
+    """The status line, the view's controls, and the loss and view charts side by side."""
+    trainer: Trainer = ss.trainer
     history = trainer.history
-    show_chart(figures.loss_accuracy(history), "loss_accuracy", trainer)
-    view = st.segmented_control(
+    player.status(trainer.status_line(None if player.playing else player.state))
+    layers = history.layers() or trainer.model.layer_names
+    if ss.get("w_layer") not in layers:
+        ss.w_layer = layers[-1]
+    # One row, labels hidden (screen readers still get them): each line costs chart room.
+    # Columns: on a phone they stack, and the view's options get the whole width.
+    view_column, layer_column = st.columns([5, 2], gap="small", vertical_alignment="center")
+    view = view_column.segmented_control(
         "View",
-        list(VIEWS),
-        default="Fig. 1 percentiles",
+        list(session.LIVE_VIEWS),
         key="w_view",
         persist_state="session",
         required=True,
+        label_visibility="collapsed",
     )
-    layers = history.layers() or trainer.model.layer_names
-    if view == "Fig. 1 percentiles":
-        c1, c2 = st.columns([2, 1])
-        layer = c1.selectbox(
-            "Layer", layers, index=len(layers) - 1, key="w_fig1_layer", persist_state="session"
+    layer, pooled = ss.w_layer, False
+    layer_row = layer_column.container(horizontal=True, vertical_alignment="center", gap="small")
+    if view in LAYER_VIEWS:
+        layer = layer_row.selectbox(
+            "Layer",
+            layers,
+            key="w_layer",
+            persist_state="session",
+            label_visibility="collapsed",
+            width=100,
         )
-        pooled = c2.toggle(
-            "All units, pooled",
+    if view == "Fig. 1 percentiles":
+        pooled = layer_row.toggle(
+            "Pooled",
             key="w_fig1_pooled",
             persist_state="session",
-            help=f"The paper follows one sigmoid (here unit #{trainer.config.probe_unit}); "
-            "this pools every unit of the layer, whose different means widen the band",
+            width="content",
+            help=f"All units of the layer pooled. The paper follows one sigmoid (here unit "
+            f"#{trainer.config.probe_unit}); the units' different means widen a pooled band",
         )
+    left, right = st.columns(2, gap="medium")
+    with left:
+        show_chart(figures.loss_accuracy(history), "loss_accuracy", trainer)
+    with right:
+        draw_view(trainer, view, layer, pooled)
+    show_claims(
+        ss.run_claims,
+        history,
+        finished=trainer.finished,
+        title="What this run shows (the preset's claims, checked)",
+    )
+    session.sync_url()  # the view and layer are in the link too
+
+
+def draw_view(trainer: Trainer, view: str, layer: str, pooled: bool) -> None:
+    """The chosen view's chart (and the histogram's step controls)."""
+    history = trainer.history
+    if view == "Fig. 1 percentiles":
         fig = figures.percentile_bands(history, layer=layer, unit=not pooled)
         show_chart(fig, "percentile_bands", trainer)
     elif view == "Distributions":
         show_chart(figures.preact_heatmaps(history), "preact_heatmaps", trainer)
-        c1, c2, c3 = st.columns([1, 1, 2])
-        layer = c1.selectbox(
-            "Layer", layers, index=len(layers) - 1, key="w_hist_layer", persist_state="session"
-        )
-        follow = c2.toggle("Latest step", value=True, key="w_hist_follow", persist_state="session")
+        c1, c2 = st.columns([1, 2])
+        follow = c1.toggle("Latest step", value=True, key="w_hist_follow", persist_state="session")
         # A fixed range keeps the scrubber still while the run grows under it.
-        step = c3.slider(
+        step = c2.slider(
             "Step",
             0,
             trainer.config.steps,
@@ -297,18 +337,9 @@ def draw_panel(trainer: Trainer) -> None:
         show_chart(fig, "saturation", trainer)
     elif view == "Gradient norms":
         show_chart(figures.grad_norms(history), "grad_norms", trainer)
-    elif view == "Update:data ratio":
+    elif view == "Update ratio":
         show_chart(figures.update_ratio(history), "update_ratio", trainer)
-    show_claims(
-        ss.run_claims,
-        history,
-        finished=trainer.finished,
-        title="What this run shows (the preset's claims, checked)",
-    )
 
 
-# In a container of its own: the panel's element count changes between its reruns, and
-# the elements after it must not move (or a stale copy of them lingers on screen).
-with st.container():
-    live_panel()
+player.panel(draw_panel)
 export_panel(ss.trainer)

@@ -6,9 +6,9 @@ import streamlit as st
 from bn_core.config import NORMS, ConfigError, load_preset
 from bn_core.experiments import charts
 from bn_core.experiments.sweep import MAX_RATES, USABLE_WITHIN, LrSweep, lr_grid
-from ui import load
 from ui.charts import show_chart
 from ui.export_panel import page_export_panel
+from ui.player import Player
 
 PAGE = "sweep"
 PRESET = "ioffe-fig1"
@@ -37,7 +37,14 @@ LR_CHOICES = [
 NORM_LABELS = {norm: "plain" if norm == "none" else norm for norm in NORMS}
 
 ss = st.session_state
-ss.setdefault("sweep_running", False)
+player = Player(
+    "sweep",
+    run_key="sweep",
+    playing_key="sweep_running",
+    tick_seconds=TICK_SECONDS,
+    train_seconds=TRAIN_SECONDS,
+)
+player.apply_wishes()  # before anything is drawn, so the page shows what the clicks did
 
 st.title("Learning-rate sweep")
 st.caption(
@@ -80,8 +87,9 @@ c3.number_input(
 c4.number_input("Seed", 0, 2**31 - 1, 0, key="sweep_w_seed", persist_state="session")
 
 
-def start() -> None:
-    # A callback runs before the script: read the widgets' values from the session.
+def new_sweep() -> bool:
+    """A sweep of the rates chosen (the Player then plays it); a bad choice keeps the last
+    one. True if it was built."""
     try:
         low, high = ss.sweep_w_range
         rates = lr_grid(low, high, int(ss.sweep_w_count))
@@ -92,37 +100,31 @@ def start() -> None:
         ss.sweep = LrSweep(config, rates, norms=norms, steps=int(ss.sweep_w_steps))
     except ConfigError as err:
         ss.sweep_message = f"The sweep did not start; the last one is kept. {err}"
-        return
-    ss.sweep_running = True
-
-
-def stop() -> None:
-    ss.sweep_running = False
+        return False
+    return True
 
 
 b1, b2, _ = st.columns([1, 1, 4])
-b1.button(
-    "Start sweep",
-    on_click=start,
-    type="primary",
+player.reset_button(
+    b1,
+    new_sweep,
+    label="Start sweep",
     icon=":material/play_arrow:",
-    width="stretch",
-    disabled=ss.sweep_running,
+    primary=True,
+    disabled=player.playing,
+    then_play=True,
 )
-b2.button(
-    "Stop",
-    on_click=stop,
-    icon=":material/stop:",
-    width="stretch",
-    disabled=not ss.sweep_running,
-)
+player.pause_button(b2, "Stop")
 message = st.empty()  # always drawn, so the live panel below never changes its place
 if ss.get("sweep_message"):
     message.error(ss.sweep_message)
     ss.sweep_message = None
 
 
-@st.fragment(run_every=TICK_SECONDS if ss.sweep_running else None)
+# The Player's states in the sweep's words.
+SWEEP_STATES = {"playing": "running", "paused": "stopped", "finished": "finished"}
+
+
 def sweep_panel() -> None:
     sweep: LrSweep | None = ss.get("sweep")
     if sweep is None:
@@ -131,17 +133,12 @@ def sweep_panel() -> None:
             "about half a minute on one CPU core."
         )
         return
-    if ss.sweep_running:
-        sweep.advance(load.training_seconds(TRAIN_SECONDS))
-        if sweep.finished:
-            ss.sweep_running = False
-            st.rerun()
-    state = "running" if ss.sweep_running else ("finished" if sweep.finished else "stopped")
     nets = len(sweep.rates) * len(sweep.norms)
-    st.progress(
-        sweep.progress,
-        text=f"Sweep {state}: {sweep.steps_done:,} of {sweep.steps_total:,} lockstep steps "
-        f"({nets} nets of {sweep.steps:,} steps, trained at most 8 at a time)",
+    player.status(
+        f"Sweep {SWEEP_STATES[player.state]}: {sweep.steps_done:,} of "
+        f"{sweep.steps_total:,} lockstep steps ({nets} nets of {sweep.steps:,} steps, "
+        "trained at most 8 at a time)",
+        progress=sweep.progress,
     )
     result = sweep.result()
     row = st.container(horizontal=True, gap="medium")
@@ -183,8 +180,5 @@ def sweep_panel() -> None:
     )
 
 
-# In a container of its own: the panel's element count changes between its reruns, and
-# the elements after it must not move (or a stale copy of them lingers on screen).
-with st.container():
-    sweep_panel()
+player.panel(sweep_panel)
 page_export_panel(PAGE)

@@ -23,7 +23,7 @@ VIEWS = {
     "Distributions": ["preact_heatmaps", "histogram_overlay"],
     "Saturation": ["saturation"],
     "Gradient norms": ["grad_norms"],
-    "Update:data ratio": ["update_ratio"],
+    "Update ratio": ["update_ratio"],
 }
 STATUS_RE = re.compile(r"^\*\*step ([\d,]+) ·")
 
@@ -149,12 +149,12 @@ def test_fewer_layers_after_reset_with_last_layer_picked(at):
     """The Layer pickers keep their key across a Reset that removes the picked layer."""
     at.session_state.trainer.advance(steps=11)
     run(at)
-    layers = at.selectbox(key="w_fig1_layer").options
-    run(at.selectbox(key="w_fig1_layer").set_value(layers[-1]))
+    layers = at.selectbox(key="w_layer").options
+    run(at.selectbox(key="w_layer").set_value(layers[-1]))
     run(widget(at.sidebar.number_input, "Hidden layers").set_value(1))
     run(button(at, "Reset").click())
     assert at.session_state.trainer.config.depth == 1
-    assert len(at.selectbox(key="w_fig1_layer").options) == 1
+    assert len(at.selectbox(key="w_layer").options) == 1
     chart(at, "percentile_bands")
 
 

@@ -401,7 +401,13 @@ def test_diverged_variant_has_shorter_lines_and_its_own_step():
 def test_saturation_states_its_rule_and_draws_shares(history, activation, threshold, rule):
     fig = figures.saturation(history, threshold=threshold, activation=activation)
     assert rule in fig.layout.title.subtitle.text
-    assert list(fig.layout.yaxis.range) == [0, 1.02]
+    # From 0, zoomed in to the data but never to less than 0-5 %, so small shares show.
+    y = fig.layout.yaxis
+    assert (y.rangemode, list(y.autorangeoptions.include), y.autorangeoptions.clipmax) == (
+        "tozero",
+        [0, 0.05],
+        1.02,
+    )
     for variant in history.variants():
         traces = lines_of(fig, variant)
         assert len(traces) == len(history.layers())
@@ -468,6 +474,33 @@ def test_changes_at_one_step_share_a_line_and_a_label():
         labels = [a for a in fig.layout.annotations if a.name == "event" and a.xref == panel]
         assert [a.text for a in labels] == ["lr 8 → 0.5, momentum 0 → 0.9", "lr 0.5 → 0.1"]
         assert labels[1].xanchor == "right"  # late in the run: left of its line
+
+
+def test_many_live_changes_label_the_newest_on_rows_of_their_own_and_never_widen_the_axis():
+    """90 changes close together (a slider stepped by keyboard before changes coalesced)
+    drew 90 overlapping labels and stretched the step axis to -2,000."""
+    h = History()
+    for step in range(0, 1000, 10):
+        h.add(step, "plain", "", "loss", 1.0)
+    for i in range(90):
+        h.add_event(100 + i, "momentum", i / 100, (i + 1) / 100)
+    fig = figures.loss_accuracy(h)
+    for panel in ("x", "x2"):
+        lines = [s for s in fig.layout.shapes if s.name == "event" and s.xref == panel]
+        marks = [a for a in fig.layout.annotations if a.name == "event" and a.xref == panel]
+        assert len(lines) == len(marks) == 90  # every change keeps its line and its hover
+        labelled = [a for a in marks if a.text != "▴"]
+        assert [a.text for a in labelled] == [
+            "momentum 0.87 → 0.88",
+            "momentum 0.88 → 0.89",
+            "momentum 0.89 → 0.9",
+        ]
+        rows = [a.yshift for a in labelled]
+        assert len(set(rows)) == 3 and rows[-1] == 0  # one row each, the newest on top
+        assert all(a.hovertext.startswith("momentum ") for a in marks)
+        assert {a.y for a in marks if a.text == "▴"} == {0}  # feet of the older lines
+    for axis in (fig.layout.xaxis, fig.layout.xaxis2):
+        assert (axis.autorangeoptions.clipmin, axis.autorangeoptions.clipmax) == (0, 990)
 
 
 # --------------------------------------------------------------------------- Santurkar et al.

@@ -367,6 +367,36 @@ def test_add_event():
         event.step = 5  # frozen
 
 
+def test_merged_events_keep_the_first_step_and_old_value():
+    h = History()
+    h.add_event(10, "momentum", 0.0, 0.01)
+    h.add_event(12, "lr", 0.5, 1.0)
+    h.add_event(15, "momentum", 0.01, 0.02, merge=True)  # folded into momentum's last event
+    merged = h.add_event(30, "momentum", 0.02, 0.9, merge=True)
+    assert merged == Event(10, "momentum", 0.0, 0.9, until=30)
+    assert h.events == [merged, Event(12, "lr", 0.5, 1.0)]
+    assert merged.label == "momentum 0 → 0.9"
+    assert merged.detail == "momentum 0 → 0.9 over steps 10–30"
+    assert h.events[1].detail == "lr 0.5 → 1 at step 12"
+    # Back to where the event started: nothing changed in the end, and the event goes.
+    assert h.add_event(31, "momentum", 0.9, 0.0, merge=True) is None
+    assert h.events == [Event(12, "lr", 0.5, 1.0)]
+    # None (nan) counts as a value like any other.
+    h.add_event(40, "bn_momentum", 0.1, math.nan)
+    assert h.add_event(40, "bn_momentum", math.nan, 0.1, merge=True) is None
+    # With nothing to merge into, merge=True records a fresh event.
+    assert h.add_event(50, "momentum", 0.0, 0.5, merge=True) == Event(50, "momentum", 0.0, 0.5)
+
+
+def test_an_events_list_read_before_a_merge_stays_as_it_was():
+    """A chart drawn in another thread may be iterating over the events while a tick merges."""
+    h = History()
+    h.add_event(10, "lr", 0.5, 1.0)
+    seen = h.events
+    h.add_event(20, "lr", 1.0, 2.0, merge=True)
+    assert seen == [Event(10, "lr", 0.5, 1.0)] and h.events == [Event(10, "lr", 0.5, 2.0, 20)]
+
+
 def test_nbytes_counts_arrays():
     h = History(max_points=1000)
     assert h.nbytes() == 0

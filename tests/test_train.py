@@ -387,6 +387,38 @@ def test_set_live_lr_changes_the_next_update(digits):
             assert delta[v].abs().amax() > 0
 
 
+def test_set_live_changes_in_quick_succession_are_one_event(digits):
+    t = Trainer(small(lr=0.1, momentum=0.0), digits)
+    t.advance(steps=2)
+    assert t.set_live(momentum=0.3) == [Event(2, "momentum", 0.0, 0.3)]
+    # Same step, nothing trained in between: the same change, whatever the caller says.
+    assert t.set_live(momentum=0.5) == [Event(2, "momentum", 0.0, 0.5)]
+    t.advance(steps=3)
+    assert t.set_live(momentum=0.7) == [Event(5, "momentum", 0.5, 0.7)]  # a new change
+    t.advance(steps=1)
+    # merge=True: a UI says the change came in quick succession of the last one.
+    assert t.set_live(merge=True, momentum=0.9) == [Event(5, "momentum", 0.5, 0.9, until=6)]
+    assert t.optimizer.momentum == 0.9
+    assert [e.label for e in t.history.events] == ["momentum 0 → 0.5", "momentum 0.5 → 0.9"]
+    # Changed back to where its event started: the event goes, the setting still applies.
+    assert t.set_live(merge=True, momentum=0.5) == []
+    assert [e.label for e in t.history.events] == ["momentum 0 → 0.5"]
+    assert t.live["momentum"] == t.optimizer.momentum == 0.5
+
+
+def test_a_jump_to_a_large_rate_kills_the_plain_net_and_not_bn(one_torch_thread):
+    """The live page's "×20 now" lesson: the Figure 1 nets, trained 250 steps at 0.5, then
+    10 in one change. The plain net, its weights tuned to the small rate, falls to chance;
+    BN trains on. (Raised a notch every 150 steps or more instead, the plain net adapts on
+    seeds 0-2: too long a run for the suite.)"""
+    t = Trainer(load_preset("ioffe-fig1").replace(steps=650, device="cpu"))
+    t.advance(steps=250)
+    t.set_live(lr=10.0)
+    t.advance(steps=400)
+    accuracy = {v: t.history.series(v, "", "test_accuracy")[1][-1] for v in t.variant_names}
+    assert accuracy["plain"] < 0.2 and accuracy["batchnorm"] > 0.9, accuracy
+
+
 def test_set_live_momentum(digits):
     t = Trainer(small(lr=0.1, momentum=0.5), digits)
     t.advance(steps=4)

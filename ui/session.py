@@ -2,7 +2,8 @@
 
 Each session owns its own Trainer in ``st.session_state``; nothing per-user lives in a
 global cache. Set-up widgets are turned into a RunConfig here, validated by bn_core, and
-only applied by an explicit Reset; live widgets act on the running trainer at once.
+only applied by an explicit Reset; live widgets act on the running trainer from its next
+step. Either way the widgets only ask: the page's Player (``ui/player.py``) applies.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import streamlit as st
 
 from bn_core.claims import ClaimBook, load_claims
 from bn_core.config import (
+    FIELDS,
     NORMS,
     ConfigError,
     RunConfig,
@@ -24,6 +26,7 @@ from bn_core.config import (
 from bn_core.data import DatasetUnavailable
 from bn_core.experiments import make_trainer
 from bn_core.train import DeviceUnavailable
+from ui.player import Player
 
 DEFAULT_PRESET = "ioffe-fig1"
 MAX_CONFIG_BYTES = 64 * 1024  # a config is about 1 KB; anything far larger is not one
@@ -63,6 +66,16 @@ SETUP_FIELDS = (
     "device",
 )
 LIVE_WIDGETS = {"lr": "w_lr", "momentum": "w_momentum", "bn_momentum": "w_bn_momentum"}
+JUMP_FACTOR = 20  # the "×20 now" button: 0.5 straight to 10, the learning-rate lesson
+# The live page's views: label -> chart, whose name is the view's value in a link.
+LIVE_VIEWS = {
+    "Fig. 1 percentiles": "percentile_bands",
+    "Distributions": "preact_heatmaps",
+    "Saturation": "saturation",
+    "Gradient norms": "grad_norms",
+    "Update ratio": "update_ratio",
+}
+DEFAULT_VIEW = "Fig. 1 percentiles"
 
 
 def _with_choice(choices: list[float], value: float | None) -> list:
@@ -91,7 +104,9 @@ def state() -> Any:
     if "trainer" not in ss:
         # A shared link carries its set-up in the query string; a bad part is named and
         # replaced by the preset's value, so the page always loads.
-        config, preset, warnings = from_query(st.query_params.to_dict(), DEFAULT_PRESET)
+        params = st.query_params.to_dict()
+        view, layer = params.pop("view", None), params.pop("layer", None)
+        config, preset, warnings = from_query(params, DEFAULT_PRESET)
         try:
             trainer = make_trainer(config)
         except DeviceUnavailable as err:
@@ -104,13 +119,38 @@ def state() -> Any:
             config = load_preset(preset)
             trainer = make_trainer(config)
         ss.preset = preset
+        ss.preset_live = {}
         ss.run_claims = ClaimBook(load_claims(preset))
         ss.base_config = config
         ss.playing = False
+        ss.w_view = DEFAULT_VIEW
+        warnings += _restore_view(view, layer, trainer.model.layer_names)
         ss.message = ("warning", "\n\n".join(warnings)) if warnings else None
         _fill_widgets(config)
         ss.trainer = trainer
     return ss
+
+
+def _restore_view(view: str | None, layer: str | None, layers: list[str]) -> list[str]:
+    """The view and layer a link names, into their widgets; warnings for bad ones."""
+    ss = st.session_state
+    warnings = []
+    by_chart = {chart: label for label, chart in LIVE_VIEWS.items()}
+    if view is not None:
+        if view in by_chart:
+            ss.w_view = by_chart[view]
+        else:
+            warnings.append(
+                f"Link parameter ignored: view = {view!r}: allowed: " + ", ".join(by_chart)
+            )
+    if layer is not None:
+        if layer in layers:
+            ss.w_layer = layer
+        else:
+            warnings.append(
+                f"Link parameter ignored: layer = {layer!r}: allowed: " + ", ".join(layers)
+            )
+    return warnings
 
 
 def sync_url() -> None:
@@ -121,12 +161,20 @@ def sync_url() -> None:
     except ConfigError:
         config = ss.trainer.config.replace(**ss.trainer.live)
     params = to_query(config, ss.preset)
+    # The view and layer on screen, where they are not the page's defaults.
+    view = LIVE_VIEWS.get(ss.get("w_view"), LIVE_VIEWS[DEFAULT_VIEW])
+    if view != LIVE_VIEWS[DEFAULT_VIEW]:
+        params["view"] = view
+    layers = ss.trainer.model.layer_names
+    if ss.get("w_layer") in layers and ss.w_layer != layers[-1]:
+        params["layer"] = ss.w_layer
     if st.query_params.to_dict() != params:
         st.query_params.from_dict(params)
 
 
-def load_uploaded_config(data: bytes) -> None:
-    """Restore a run from an uploaded config JSON; a bad file leaves the current run as is."""
+def load_uploaded_config(data: bytes) -> bool:
+    """Restore a run from an uploaded config JSON; a bad file leaves the current run as is.
+    A restart for the Player: True if a fresh run started."""
     ss = st.session_state
     if len(data) > MAX_CONFIG_BYTES:
         ss.message = (
@@ -134,30 +182,32 @@ def load_uploaded_config(data: bytes) -> None:
             f"config file = {len(data):,} bytes: allowed: at most {MAX_CONFIG_BYTES:,} bytes. "
             "The current run is kept.",
         )
-        return
+        return False
     try:
         config = RunConfig.from_json(data)  # JSON only: never pickle, never eval
         trainer = make_trainer(config)
     except (ConfigError, DatasetUnavailable) as err:
         ss.message = ("error", f"That file was not loaded, the current run is kept. {err}")
-        return
+        return False
     ss.base_config = config
     _fill_widgets(config)
     ss.trainer = trainer
     ss.run_claims = ClaimBook([])  # a config file carries no claims about its outcome
-    ss.playing = False
     ss.message = ("success", "Loaded the uploaded config and started a fresh run with it.")
+    return True
 
 
-def _fill_widgets(config: RunConfig) -> None:
+def _fill_widgets(config: RunConfig, *, live: bool = True) -> None:
     ss = st.session_state
     for name in SETUP_FIELDS:
         value = getattr(config, name)
         if name == "variants":
             value = [v.name for v in config.variants]
         ss[f"w_{name}"] = value
-    for name, key in LIVE_WIDGETS.items():
-        ss[key] = getattr(config, name)
+    ss.preset_live = {}
+    if live:
+        for name, key in LIVE_WIDGETS.items():
+            ss[key] = getattr(config, name)
 
 
 def config_from_widgets() -> RunConfig:
@@ -165,6 +215,7 @@ def config_from_widgets() -> RunConfig:
     ss = st.session_state
     changes = {name: ss[f"w_{name}"] for name in SETUP_FIELDS}
     changes.update({name: ss[key] for name, key in LIVE_WIDGETS.items()})
+    changes.update(ss.get("preset_live") or {})  # a picked preset's, until Reset
     if not changes["variants"]:
         raise ConfigError("variants", [], "allowed: pick at least one variant")
     # A variant of a loaded config or link (its own name, norm or lr) keeps its spec.
@@ -190,65 +241,115 @@ FIELD_LABELS = {
     "batch_size": "Batch size",
     "seed": "Seed",
     "device": "Device",
+    "lr": "Learning rate",
+    "momentum": "SGD momentum",
+    "bn_momentum": "BN running-stat momentum",
 }
 
 
 def pending_changes() -> tuple[RunConfig | None, list[str], str | None]:
-    """(config from widgets, set-up fields that differ from the run, error message)."""
+    """(config from widgets, fields that differ from the run, error message).
+
+    The fields are the set-up's, and the live settings of a picked preset that wait for
+    Reset with it.
+    """
+    ss = st.session_state
     try:
         wanted = config_from_widgets()
     except ConfigError as err:
         return None, [], str(err)
-    return wanted, wanted.setup_differs(st.session_state.trainer.config), None
+    differs = wanted.setup_differs(ss.trainer.config)
+    differs += [
+        name
+        for name in ss.get("preset_live") or {}
+        if getattr(wanted, name) != ss.trainer.live[name]
+    ]
+    return wanted, differs, None
 
 
-# --- actions (used as widget callbacks, so they run before the page draws) ---------------
+def _show(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ", ".join(map(str, value)) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def custom_changes() -> list[str]:
+    """The set-up fields in the sidebar that differ from the loaded preset, each as
+    "Hidden layers 3 → 2"; empty while the sidebar shows the preset as it is."""
+    ss = st.session_state
+    preset = load_preset(ss.preset)
+    out = []
+    for name in SETUP_FIELDS:
+        was = getattr(preset, name)
+        if name == "variants":
+            was = [v.name for v in preset.variants]
+        now = ss[f"w_{name}"]
+        if now != was:
+            out.append(f"{FIELD_LABELS[name]} {_show(was)} → {_show(now)}")
+    return out
+
+
+# --- actions (widget callbacks record them; the Player applies) ----------------------------
+SETUP_RULE = (
+    "Changes here wait for **Reset**, so a run is never restarted by surprise; so does a "
+    "picked preset, whose Reset brings its learning rate and momenta too."
+)
+
+
 def on_preset() -> None:
-    """Load a preset into the widgets; like any set-up change it waits for Reset."""
+    """Load a preset into the set-up widgets. Like any set-up change it waits for Reset,
+    and so do its live settings: the live sliders keep acting on the running run."""
     ss = st.session_state
     config = load_preset(ss.w_preset)
     ss.preset = ss.w_preset
     ss.base_config = config
-    _fill_widgets(config)
+    _fill_widgets(config, live=False)
+    ss.preset_live = {name: getattr(config, name) for name in LIVE_WIDGETS}
 
 
-def on_live(name: str) -> None:
+def on_live(player: Player, name: str) -> None:
+    """A live slider moved: checked, then asked of the Player for the next step."""
     ss = st.session_state
+    value = ss[LIVE_WIDGETS[name]]
     try:
-        ss.trainer.set_live(**{name: ss[LIVE_WIDGETS[name]]})
+        FIELDS[name].check(name, value)
     except ConfigError as err:
         ss.message = ("error", str(err))
         ss[LIVE_WIDGETS[name]] = ss.trainer.live[name]
+        return
+    # Moved after a preset was picked: the slider is the later choice, so Reset keeps it.
+    ss.preset_live.pop(name, None)
+    player.wish_live(name, value)
 
 
-def reset() -> None:
-    """Start a fresh run from the widgets; a run that cannot start leaves the old one intact."""
+def jump_lr(player: Player) -> None:
+    """The learning rate times JUMP_FACTOR (at most the slider's top) in one change."""
+    ss = st.session_state
+    value = min(float(f"{ss.w_lr * JUMP_FACTOR:.6g}"), LR_CHOICES[-1])  # 0.3 * 20 is 6.000…1
+    ss.w_lr = value
+    ss.preset_live.pop("lr", None)
+    player.wish_live("lr", value, jump=True)
+
+
+def reset() -> bool:
+    """Start a fresh run from the widgets; a run that cannot start leaves the old one intact.
+    A restart for the Player: True if a fresh run started."""
     ss = st.session_state
     try:
         config = config_from_widgets()
         trainer = make_trainer(config)
     except (ConfigError, DatasetUnavailable) as err:
         ss.message = ("error", f"Reset not applied, the current run is kept. {err}")
-        return
+        return False
     ss.trainer = trainer
     ss.run_claims = ClaimBook(load_claims(ss.preset))
-    ss.playing = False
+    for name, key in LIVE_WIDGETS.items():  # a picked preset's live settings now show
+        ss[key] = getattr(config, name)
+    ss.preset_live = {}
     ss.message = ("success", "Started a fresh run with the set-up shown in the sidebar.")
-
-
-def set_playing(on: bool) -> None:
-    """Play or pause. It sets the state the button showed rather than toggling, so a
-    click the browser delivers twice cannot undo itself."""
-    ss = st.session_state
-    ss.playing = on and not ss.trainer.finished
-
-
-def step_once(at_step: int) -> None:
-    """One step from the step the button was drawn at; a repeated click does nothing."""
-    ss = st.session_state
-    ss.playing = False
-    if ss.trainer.step == at_step:
-        ss.trainer.advance(steps=1)
+    return True
 
 
 def show_message() -> None:
