@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,11 @@ def _key(key: Any) -> str:
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """How one config field is typed, bounded and explained."""
+    """How one config field is typed, bounded, explained and shown as a widget.
+
+    The app's set-up form draws each field from this alone (ui/setup_form.py), so a
+    widget's range, label and help cannot drift from what validation allows.
+    """
 
     kind: type  # int, float, str or bool
     help: str
@@ -89,6 +93,27 @@ class FieldSpec:
     choices: tuple[str, ...] | None = None
     nullable: bool = False
     low_open: bool = False  # low itself not allowed
+    label: str = ""
+    # Widget hints. A number is a number input unless widget is "slider"; a widget cannot
+    # offer an open interval, so an open-low number names the smallest value it offers.
+    widget: str | None = None
+    step: float | None = None
+    format: str | None = None  # printf-style, e.g. "%.3f" for a std of 0.001
+    widget_low: float | None = None
+    display: Callable[[str], str] | None = None  # how a choice reads, e.g. str.upper
+
+    def widget_kind(self) -> str:
+        """The widget that edits the field: checkbox, selectbox, slider or number_input."""
+        if self.kind is bool:
+            return "checkbox"
+        if self.choices is not None:
+            return "selectbox"
+        return self.widget or "number_input"
+
+    def widget_bounds(self) -> tuple[Any, Any]:
+        """(min, max) of a number widget, in the field's type; both values the field allows."""
+        low = self.low if self.widget_low is None else self.widget_low
+        return self.kind(low), self.kind(self.high)
 
     def allowed(self) -> str:
         if self.choices is not None:
@@ -148,63 +173,178 @@ FIELDS: dict[str, FieldSpec] = {
     # data
     "dataset": FieldSpec(
         str,
-        "data set",
+        "the data the nets learn to classify",
         choices=("digits", "moons", "circles", "spirals", "blobs", "mnist", "fashion-mnist"),
+        label="Data set",
     ),
-    "noise": FieldSpec(float, "noise of the 2-D toy sets", 0.0, 1.0),
-    "seed": FieldSpec(int, "seed for data split, init and batch order", 0, 2**31 - 1),
+    "noise": FieldSpec(
+        float,
+        "noise of the 2-D toy sets",
+        0.0,
+        1.0,
+        label="Data noise",
+        widget="slider",
+        step=0.05,
+    ),
+    "seed": FieldSpec(int, "seed for data split, init and batch order", 0, 2**31 - 1, label="Seed"),
     # model
-    "model": FieldSpec(str, "architecture", choices=("mlp", "lenet")),
-    "depth": FieldSpec(int, "hidden layers of the MLP", 1, 8),
-    "width": FieldSpec(int, "units per hidden layer of the MLP", 4, 512),
-    "activation": FieldSpec(str, "nonlinearity", choices=("sigmoid", "tanh", "relu")),
-    "init": FieldSpec(str, "weight init", choices=("gaussian", "xavier", "kaiming")),
-    "init_std": FieldSpec(float, "std of the small-Gaussian init", 0.0, 10.0, low_open=True),
-    "placement": FieldSpec(str, "BN relative to the nonlinearity", choices=("before", "after")),
-    "keep_bias": FieldSpec(bool, "keep the linear bias in front of BN"),
-    "groups": FieldSpec(int, "GroupNorm's groups of channels per layer", 1, 512),
+    "model": FieldSpec(
+        str,
+        "architecture: an MLP, or LeNet's convolutions (images only)",
+        choices=("mlp", "lenet"),
+        label="Model",
+        display=str.upper,
+    ),
+    "depth": FieldSpec(int, "hidden layers of the MLP", 1, 8, label="Hidden layers"),
+    "width": FieldSpec(int, "units per hidden layer of the MLP", 4, 512, label="Units per layer"),
+    "activation": FieldSpec(
+        str, "nonlinearity", choices=("sigmoid", "tanh", "relu"), label="Activation"
+    ),
+    "init": FieldSpec(str, "weight init", choices=("gaussian", "xavier", "kaiming"), label="Init"),
+    "init_std": FieldSpec(
+        float,
+        "std of the small-Gaussian init",
+        0.0,
+        10.0,
+        low_open=True,
+        label="Init std",
+        format="%.3f",
+        widget_low=0.001,
+    ),
+    "placement": FieldSpec(
+        str,
+        "BN relative to the nonlinearity",
+        choices=("before", "after"),
+        label="BN placement",
+    ),
+    "keep_bias": FieldSpec(
+        bool,
+        "keep the linear bias in front of BN: BN's beta makes it redundant (it gets zero "
+        "gradient); keep it to see that",
+        label="Keep the linear bias before BN",
+    ),
+    "groups": FieldSpec(
+        int,
+        "GroupNorm's groups of channels per layer; must divide the units of every layer",
+        1,
+        512,
+        label="GroupNorm groups",
+    ),
     "residual": FieldSpec(
         str,
-        "skip connections of the MLP: none; pre: h + f(N(h)); post: N(h + f(h))",
+        "skip connections of the MLP, residual blocks from layer 2 on with f(h) = "
+        "act(W h + b): pre is h + f(N(h)), the normalizer N on the block's input; post is "
+        "N(h + f(h)), after the addition",
         choices=("none", "pre", "post"),
+        label="Skip connections",
     ),
     # training
-    "batch_size": FieldSpec(int, "examples per step", 1, 4096),
-    "steps": FieldSpec(int, "length of the run in steps", 1, 10_000_000),
-    "optimizer": FieldSpec(str, "optimizer", choices=("sgd", "adam")),
-    "lr": FieldSpec(float, "learning rate", 1e-5, 10.0),
-    "momentum": FieldSpec(float, "SGD momentum", 0.0, 0.99),
-    "bn_momentum": FieldSpec(float, "BN running-stat momentum", 0.001, 1.0, nullable=True),
-    "device": FieldSpec(str, "where to train", choices=("auto", "cpu", "cuda", "mps")),
+    "batch_size": FieldSpec(int, "examples per step", 1, 4096, label="Batch size"),
+    "steps": FieldSpec(int, "length of the run in steps", 1, 10_000_000, label="Steps"),
+    "optimizer": FieldSpec(str, "optimizer", choices=("sgd", "adam"), label="Optimizer"),
+    "lr": FieldSpec(float, "learning rate", 1e-5, 10.0, label="Learning rate"),
+    "momentum": FieldSpec(float, "SGD momentum", 0.0, 0.99, label="SGD momentum"),
+    "bn_momentum": FieldSpec(
+        float,
+        "BN running-stat momentum",
+        0.001,
+        1.0,
+        nullable=True,
+        label="BN running-stat momentum",
+    ),
+    "device": FieldSpec(
+        str,
+        "where the nets train: auto picks a CUDA GPU, then Apple's MPS, then the CPU",
+        choices=("auto", "cpu", "cuda", "mps"),
+        label="Device",
+    ),
     # telemetry
-    "telemetry_every": FieldSpec(int, "steps between probe measurements", 1, 100_000),
-    "eval_every": FieldSpec(int, "steps between test-set evaluations", 1, 1_000_000),
-    "probe_size": FieldSpec(int, "examples in the fixed probe batch", 2, 10_000),
-    "probe_unit": FieldSpec(int, "the unit whose input Fig. 1 follows", 0, 511),
-    "hist_bins": FieldSpec(int, "histogram bins", 10, 200),
-    "hist_range": FieldSpec(float, "histograms cover [-range, range]", 0.0, 100.0, low_open=True),
-    "saturation_threshold": FieldSpec(float, "saturation cut-off", 0.5, 1.0, low_open=True),
-    "max_points": FieldSpec(int, "points kept per series", 10, 100_000),
-    "max_histograms": FieldSpec(int, "histograms kept per layer", 10, 10_000),
+    "telemetry_every": FieldSpec(
+        int, "steps between probe measurements", 1, 100_000, label="Probe every"
+    ),
+    "eval_every": FieldSpec(
+        int, "steps between test-set evaluations", 1, 1_000_000, label="Evaluate every"
+    ),
+    "probe_size": FieldSpec(
+        int, "examples in the fixed probe batch", 2, 10_000, label="Probe batch size"
+    ),
+    "probe_unit": FieldSpec(
+        int, "the unit whose input Fig. 1 follows", 0, 511, label="Fig. 1 unit"
+    ),
+    "hist_bins": FieldSpec(int, "histogram bins", 10, 200, label="Histogram bins"),
+    "hist_range": FieldSpec(
+        float,
+        "histograms cover [-range, range]",
+        0.0,
+        100.0,
+        low_open=True,
+        label="Histogram range",
+        widget_low=0.1,
+    ),
+    "saturation_threshold": FieldSpec(
+        float,
+        "saturation cut-off",
+        0.5,
+        1.0,
+        low_open=True,
+        label="Saturation cut-off",
+        widget_low=0.51,
+    ),
+    "max_points": FieldSpec(int, "points kept per series", 10, 100_000, label="Points kept"),
+    "max_histograms": FieldSpec(
+        int, "histograms kept per layer", 10, 10_000, label="Histograms kept"
+    ),
     # Santurkar et al. (2018): internal covariate shift, noisy BN, landscape probes
-    "ics_every": FieldSpec(int, "steps between ICS measurements (0: off)", 0, 100_000),
-    "landscape_every": FieldSpec(int, "steps between landscape probes (0: off)", 0, 100_000),
+    "ics_every": FieldSpec(
+        int, "steps between ICS measurements (0: off)", 0, 100_000, label="ICS every"
+    ),
+    "landscape_every": FieldSpec(
+        int, "steps between landscape probes (0: off)", 0, 100_000, label="Landscape every"
+    ),
     "landscape_low": FieldSpec(
-        float, "smallest probe step, in units of lr", 0.0, 100.0, low_open=True
+        float,
+        "smallest probe step, in units of lr",
+        0.0,
+        100.0,
+        low_open=True,
+        label="Smallest probe step",
+        widget_low=0.01,
     ),
     "landscape_high": FieldSpec(
-        float, "largest probe step, in units of lr", 0.0, 100.0, low_open=True
+        float,
+        "largest probe step, in units of lr",
+        0.0,
+        100.0,
+        low_open=True,
+        label="Largest probe step",
+        widget_low=0.01,
     ),
-    "landscape_points": FieldSpec(int, "probe steps along the gradient", 2, 32),
-    "bn_noise_shift": FieldSpec(float, "noisy BN: each step's mean shift is U(-a, a)", 0.0, 10.0),
+    "landscape_points": FieldSpec(
+        int, "probe steps along the gradient", 2, 32, label="Probe steps"
+    ),
+    "bn_noise_shift": FieldSpec(
+        float, "noisy BN: each step's mean shift is U(-a, a)", 0.0, 10.0, label="Noise shift"
+    ),
     "bn_noise_scale_low": FieldSpec(
-        float, "noisy BN: each step's scale is U(low, high)", 0.0, 10.0
+        float,
+        "noisy BN: each step's scale is U(low, high)",
+        0.0,
+        10.0,
+        label="Noise scale low",
     ),
     "bn_noise_scale_high": FieldSpec(
-        float, "noisy BN: each step's scale is U(low, high)", 0.0, 10.0
+        float,
+        "noisy BN: each step's scale is U(low, high)",
+        0.0,
+        10.0,
+        label="Noise scale high",
     ),
-    "bn_noise_shift_spread": FieldSpec(float, "noisy BN: per-element shift spread", 0.0, 10.0),
-    "bn_noise_scale_std": FieldSpec(float, "noisy BN: per-element scale std", 0.0, 10.0),
+    "bn_noise_shift_spread": FieldSpec(
+        float, "noisy BN: per-element shift spread", 0.0, 10.0, label="Noise shift spread"
+    ),
+    "bn_noise_scale_std": FieldSpec(
+        float, "noisy BN: per-element scale std", 0.0, 10.0, label="Noise scale std"
+    ),
 }
 LIVE_FIELDS = ("lr", "momentum", "bn_momentum")
 # Cadences of the measures a Trainer is given (bn_core.experiments.measures_for); 0 is off.

@@ -6,9 +6,8 @@ import streamlit as st
 
 from bn_core import figures
 from bn_core.config import FIELDS
-from bn_core.data import DATASETS
 from bn_core.train import Trainer
-from ui import session
+from ui import session, setup_form
 from ui.charts import show_chart
 from ui.claims_panel import show_claims
 from ui.export_panel import config_filename, export_panel
@@ -118,83 +117,7 @@ with st.sidebar:
         )
     else:
         st.caption(session.list_presets()[ss.preset]["description"])
-    st.multiselect(
-        "Variants",
-        session.variant_options(),
-        key="w_variants",
-        persist_state="session",
-        help="; ".join(f"{k}: {v}" for k, v in session.VARIANT_HELP.items()),
-    )
-    st.selectbox("Data set", list(DATASETS), key="w_dataset", persist_state="session")
-    st.caption(DATASETS[ss.w_dataset])
-    # Widgets that do not apply are disabled, not hidden: Streamlit forgets the value of
-    # a widget that is not drawn, and switching back must find it again.
-    toy = ss.w_dataset in ("moons", "circles", "spirals", "blobs")
-    st.slider(
-        "Data noise", 0.0, 1.0, step=0.05, key="w_noise", persist_state="session", disabled=not toy
-    )
-    c1, c2 = st.columns(2)
-    c1.selectbox(
-        "Model", ["mlp", "lenet"], key="w_model", persist_state="session", format_func=str.upper
-    )
-    c2.selectbox(
-        "Activation", ["sigmoid", "tanh", "relu"], key="w_activation", persist_state="session"
-    )
-    mlp = ss.w_model == "mlp"
-    c1.number_input("Hidden layers", 1, 8, key="w_depth", persist_state="session", disabled=not mlp)
-    c2.number_input(
-        "Units per layer", 4, 512, key="w_width", persist_state="session", disabled=not mlp
-    )
-    c1.selectbox("Init", ["gaussian", "xavier", "kaiming"], key="w_init", persist_state="session")
-    c2.number_input(
-        "Init std",
-        0.001,
-        10.0,
-        key="w_init_std",
-        persist_state="session",
-        format="%.3f",
-        disabled=ss.w_init != "gaussian",
-    )
-    c1.selectbox(
-        "BN placement",
-        ["before", "after"],
-        key="w_placement",
-        persist_state="session",
-        help=FIELDS["placement"].help,
-    )
-    c2.number_input("Batch size", 1, 4096, key="w_batch_size", persist_state="session")
-    c1.number_input(
-        "GroupNorm groups",
-        1,
-        512,
-        key="w_groups",
-        persist_state="session",
-        disabled="groupnorm" not in ss.w_variants,
-        help=FIELDS["groups"].help + "; must divide the units of every layer",
-    )
-    c2.selectbox(
-        "Skip connections",
-        ["none", "pre", "post"],
-        key="w_residual",
-        persist_state="session",
-        disabled=not mlp,
-        help="Residual blocks from layer 2 on, f(h) = act(W h + b): pre is h + f(N(h)), "
-        "the normalizer N on the block's input; post is N(h + f(h)), after the addition",
-    )
-    c1.number_input("Seed", 0, 2**31 - 1, key="w_seed", persist_state="session")
-    c2.selectbox(
-        "Device",
-        ["auto", "cpu", "cuda"],
-        key="w_device",
-        persist_state="session",
-        help="Where the nets train: auto picks a CUDA GPU, then Apple's MPS, then the CPU.",
-    )
-    st.checkbox(
-        "Keep the linear bias before BN",
-        key="w_keep_bias",
-        persist_state="session",
-        help="BN's beta makes that bias redundant (it gets zero gradient); keep it to see that",
-    )
+    setup_form.draw()
 
     st.subheader("Share and save")
     st.caption("The address bar is a link to this set-up: copy it to share it with a class.")

@@ -10,7 +10,9 @@ cases then go through each door:
 3. the command line (``main([...])`` in this process: ``--config FILE`` and override flags),
 4. a link's query parameters (``from_query``: a warning, never an exception),
 5. an uploaded config in the real page (AppTest's file uploader, a sample of the cases),
-6. the page's set-up widgets (their bounds, and the combinations they can reach).
+6. the page's set-up widgets: each drawn from its FieldSpec (label, help, bounds or
+   choices), a field added to the set-up drawn and applied with no other edit, and the
+   combinations of valid values they can reach.
 
 Doors 2 and 3 must repeat door 1's message word for word; doors 4 and 5 wrap it in their
 own sentence. tests/test_config.py checks values JSON cannot carry (``object()``, huge
@@ -723,8 +725,8 @@ def test_upload_size_limit_is_inclusive(monkeypatch, one_torch_thread):
 
 
 # --- door 6: the page's set-up widgets ----------------------------------------------------
-# The number inputs and sliders are drawn with bounds inside their field's bounds, and the
-# select boxes offer only allowed choices, so a single out-of-range value cannot be typed
+# The form (ui/setup_form.py) draws each widget from its field's FieldSpec, with bounds
+# the field allows and only its choices, so a single out-of-range value cannot be typed
 # in: the browser clamps it, and Streamlit resets a value sent outside the bounds to the
 # widget's default. What the widgets can reach are combinations of valid
 # values, which the page must name without touching the run.
@@ -737,10 +739,11 @@ WIDGET_COMBINATIONS = {
         "groups",
     ),
 }
+WIDGET_KINDS = ("number_input", "slider", "select_slider", "selectbox", "multiselect", "checkbox")
 
 
 def _widget(at: AppTest, key: str):
-    for kind in ("number_input", "slider", "select_slider", "selectbox", "multiselect"):
+    for kind in WIDGET_KINDS:
         found = [w for w in getattr(at.sidebar, kind) if w.key == key]
         if found:
             return found[0]
@@ -752,35 +755,109 @@ def page(app_path, one_torch_thread) -> LivePage:
     return LivePage(app_path)
 
 
-def test_widget_bounds_stay_inside_field_bounds(page):
-    at = page.at
-    checked = set()
-    for w in [*at.sidebar.number_input, *at.sidebar.slider]:
-        name = (w.key or "").removeprefix("w_")
-        if name not in FIELDS:
-            continue
+FORM_FIELDS = [name for name in session.SETUP_FIELDS if name != "variants"]
+
+
+def _field_widget(at: AppTest, name: str) -> tuple[str, Any]:
+    """(widget kind, widget) of the one sidebar widget that edits a field."""
+    found = [
+        (kind, w)
+        for kind in WIDGET_KINDS
+        for w in getattr(at.sidebar, kind)
+        if w.key == f"w_{name}"
+    ]
+    assert len(found) == 1, (name, found)
+    return found[0]
+
+
+def assert_drawn_from_spec(at: AppTest, name: str) -> None:
+    """The field's widget is the one its FieldSpec describes, and offers only values the
+    field allows: a bound or choice outside them would be a bad input one click away."""
+    spec = FIELDS[name]
+    kind, w = _field_widget(at, name)
+    assert kind == spec.widget_kind(), name
+    assert (w.label, w.help) == (spec.label, spec.help), name
+    if kind == "selectbox":
+        assert w.options == [(spec.display or str)(c) for c in spec.choices], name
+    if kind in ("number_input", "slider"):
+        assert (w.min, w.max) == spec.widget_bounds(), name
+        spec.check(name, w.min)  # raises ConfigError for a bound the field refuses
+        spec.check(name, w.max)
+    assert w.value == getattr(at.session_state.base_config, name), name
+
+
+@pytest.fixture(scope="module")
+def drawn(app_path, one_torch_thread_for_module) -> AppTest:
+    """The Live training page as first drawn; the tests using it only read it."""
+    return _app_run(AppTest.from_file(str(app_path), default_timeout=60))
+
+
+@pytest.mark.parametrize("name", FORM_FIELDS)
+def test_setup_widget_is_drawn_from_its_field_spec(drawn, name):
+    assert_drawn_from_spec(drawn, name)
+
+
+def test_the_sidebar_edits_exactly_the_setup_and_live_fields(drawn):
+    keys = {w.key for kind in WIDGET_KINDS for w in getattr(drawn.sidebar, kind)}
+    edited = {k.removeprefix("w_") for k in keys if k and k.removeprefix("w_") in FIELDS}
+    assert edited == (set(FORM_FIELDS) | set(session.LIVE_WIDGETS))
+    assert "w_variants" in keys
+
+
+def test_live_widgets_offer_only_allowed_values_under_the_field_label(drawn):
+    for name in session.LIVE_WIDGETS:
         spec = FIELDS[name]
-        assert w.min > spec.low if spec.low_open else w.min >= spec.low, (name, w.min)
-        assert w.max <= spec.high, (name, w.max)
-        checked.add(name)
-    for w in [*at.sidebar.selectbox, *at.sidebar.select_slider]:
-        name = (w.key or "").removeprefix("w_")
-        if name not in FIELDS:
-            continue
-        spec = FIELDS[name]
-        if spec.choices is not None:
-            # Options are shown through format_func (e.g. MLP); choices are lower case.
-            assert {o.lower() for o in w.options} <= set(spec.choices), (name, w.options)
+        kind, w = _field_widget(drawn, name)
+        assert w.label == spec.label, name
+        if kind == "slider":
+            spec.check(name, w.min)
+            spec.check(name, w.max)
         else:
-            for option in w.options:
-                value = None if "None" in option else float(option)
-                spec.check(name, value)  # raises ConfigError for an option out of range
-        checked.add(name)
-    widget_fields = (set(session.SETUP_FIELDS) | set(session.LIVE_WIDGETS)) - {
-        "variants",  # a multiselect of known variants
-        "keep_bias",  # a checkbox
-    }
-    assert checked == widget_fields
+            for option in w.options:  # shown through format_func: "cumulative (None)"
+                spec.check(name, None if "None" in option else float(option))
+
+
+# A field of each widget kind not in the form today, and a value other than the preset's.
+ADDED_FIELDS = {"hist_bins": 20, "hist_range": 4.0, "optimizer": "adam"}
+
+
+@pytest.mark.parametrize("name", list(ADDED_FIELDS))
+def test_a_field_added_to_setup_fields_is_drawn_and_reaches_the_run(
+    app_path, one_torch_thread, monkeypatch, name
+):
+    """One edit (the name in SETUP_FIELDS) puts a field in the form, its notices, link and
+    Reset: nothing else lists the set-up's widgets."""
+    monkeypatch.setattr(session, "SETUP_FIELDS", (*session.SETUP_FIELDS, name))
+    at = _app_run(AppTest.from_file(str(app_path), default_timeout=60))
+    assert_drawn_from_spec(at, name)
+    value = ADDED_FIELDS[name]
+    assert getattr(PRESET_CONFIG, name) != value
+    _app_run(_field_widget(at, name)[1].set_value(value))
+    assert any(f"{FIELDS[name].label} ({name})" in w.value for w in at.warning)
+    assert dict(at.query_params)[name] == str(value)  # the link carries it
+    _app_run(_button(at, "Reset").click())
+    assert getattr(at.session_state.trainer.config, name) == value
+
+
+def test_widgets_that_do_not_apply_are_disabled(page):
+    """Noise only for the toy sets, depth/width/skips only for the MLP, the std only for a
+    Gaussian init, groups only with a GroupNorm variant; each change in turn."""
+    at = page.at
+    steps = [
+        ({}, {"noise", "groups"}),
+        ({"w_dataset": "moons"}, {"groups"}),
+        ({"w_variants": ["plain", "groupnorm"]}, set()),
+        ({"w_init": "xavier"}, {"init_std"}),
+        (
+            {"w_model": "lenet", "w_dataset": "digits"},
+            {"init_std", "noise", "depth", "width", "residual"},
+        ),
+    ]
+    for changes, off in steps:
+        for key, value in changes.items():
+            _app_run(_widget(at, key).set_value(value))
+        disabled = {name for name in FORM_FIELDS if _field_widget(at, name)[1].disabled}
+        assert disabled == off, changes
 
 
 @pytest.mark.parametrize("key", list(WIDGET_COMBINATIONS))

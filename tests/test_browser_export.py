@@ -166,7 +166,7 @@ def test_build_and_download_the_teaching_pack(server, page, browser, artifacts_d
 
 def test_a_shared_link_fills_the_sidebar(server, page):
     open_app(page, f"{server}/?preset=ioffe-fig1&depth=2&lr=0.2")
-    assert sidebar(page).get_by_label("Hidden layers").input_value() == "2"
+    assert sidebar(page).get_by_label("Hidden layers", exact=True).input_value() == "2"
     slider = sidebar(page).get_by_role("slider", name="Learning rate")
     assert slider.get_attribute("aria-valuetext") == "0.2"
     assert not page.locator('[data-testid="stAlertContentWarning"]').count()
@@ -181,5 +181,5 @@ def test_a_bad_link_warns_and_is_cleaned(server, page):
     assert warning.count() == 1
     text = warning.inner_text()
     assert "depth = 99" in text and "allowed" in text
-    assert sidebar(page).get_by_label("Hidden layers").input_value() == "3"
+    assert sidebar(page).get_by_label("Hidden layers", exact=True).input_value() == "3"
     wait_for(lambda: query(page) == {"preset": "ioffe-fig1"})

@@ -18,6 +18,7 @@ from bn_core.config import (
     list_presets,
     load_preset,
 )
+from bn_core.data import DATASETS
 
 # Fields whose valid boundary values need a matching setting elsewhere (probe_unit 511
 # needs width 512, batch_size 1 needs a run without BatchNorm).
@@ -459,3 +460,38 @@ def test_unknown_preset_lists_presets(name):
     assert msg.startswith(f"preset = {name!r}: allowed")
     for preset in PRESETS:
         assert preset in msg
+
+
+# --- the field table as the widgets' source (ui/setup_form.py draws from it) ----------------
+def test_every_field_has_its_own_label():
+    labels = [spec.label for spec in FIELDS.values()]
+    assert all(labels), [name for name, spec in FIELDS.items() if not spec.label]
+    assert len(set(labels)) == len(labels)  # a notice names a field by its label
+
+
+@pytest.mark.parametrize("name", [n for n, s in FIELDS.items() if s.kind in (int, float)])
+def test_a_number_widget_offers_only_allowed_values(name):
+    """Both ends of a number widget pass the field's own check; an open-low field (a std
+    must be above 0) needs the smallest value its widget offers written in the table."""
+    spec = FIELDS[name]
+    low, high = spec.widget_bounds()
+    assert spec.check(name, low) == low and spec.check(name, high) == high
+    assert type(low) is spec.kind and type(high) is spec.kind
+    if spec.step is not None:
+        assert 0 < spec.step <= high - low
+
+
+def test_widget_hints_fit_the_field_kind():
+    for name, spec in FIELDS.items():
+        number = spec.kind in (int, float)
+        assert spec.widget_kind() in ("checkbox", "selectbox", "slider", "number_input"), name
+        if not number:
+            assert (spec.widget, spec.step, spec.format, spec.widget_low) == (None,) * 4, name
+        if spec.display is not None:
+            assert spec.choices is not None, name
+            shown = [spec.display(c) for c in spec.choices]
+            assert len(set(shown)) == len(shown), name  # two choices must not read alike
+
+
+def test_every_data_set_choice_has_a_description():
+    assert tuple(DATASETS) == FIELDS["dataset"].choices

@@ -224,27 +224,9 @@ def config_from_widgets() -> RunConfig:
     return ss.base_config.replace(**changes)
 
 
-FIELD_LABELS = {
-    "dataset": "Data set",
-    "noise": "Data noise",
-    "model": "Model",
-    "depth": "Hidden layers",
-    "width": "Units per layer",
-    "activation": "Activation",
-    "init": "Init",
-    "init_std": "Init std",
-    "variants": "Variants",
-    "placement": "BN placement",
-    "keep_bias": "Keep the linear bias",
-    "groups": "GroupNorm groups",
-    "residual": "Skip connections",
-    "batch_size": "Batch size",
-    "seed": "Seed",
-    "device": "Device",
-    "lr": "Learning rate",
-    "momentum": "SGD momentum",
-    "bn_momentum": "BN running-stat momentum",
-}
+VARIANTS_LABEL = "Variants"  # variants is a list of specs, not a FIELDS entry
+# How the page names a field in its notices: the widget's label, from the field table.
+FIELD_LABELS = {**{name: spec.label for name, spec in FIELDS.items()}, "variants": VARIANTS_LABEL}
 
 
 def pending_changes() -> tuple[RunConfig | None, list[str], str | None]:
