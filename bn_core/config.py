@@ -393,10 +393,6 @@ class VariantSpec:
         """Normalizes with the batch's statistics (a BatchNorm kind)."""
         return self.norm in BATCH_NORMS
 
-    @property
-    def normalized(self) -> bool:
-        return self.norm != "none"
-
 
 _DEFAULT_VARIANTS = (VariantSpec("plain", "none"), VariantSpec("batchnorm", "batchnorm"))
 
@@ -469,19 +465,32 @@ class RunConfig:
         norms = {v.norm for v in self.variants}
         if "groupnorm" in norms:
             channels = self.layer_channels()
-            bad = [c for c in channels if c % self.groups]
-            if bad:
+            # A group of one MLP unit holds a single value per example, which normalizes
+            # to 0 whatever it was: such a net could not learn.
+            fits = [
+                g
+                for g in _common_divisors(channels)
+                if self.model == "lenet" or self.width // g >= 2
+            ]
+            if self.groups not in fits:
                 where = (
                     "LeNet's layers have 6, 16, 120 and 84"
                     if self.model == "lenet"
-                    else (f"width = {self.width} channels per layer")
+                    else f"width = {self.width} channels per layer"
+                )
+                bad = next((c for c in channels if c % self.groups), None)
+                why = (
+                    f"{self.groups} does not divide {bad}"
+                    if bad is not None
+                    else f"{self.groups} groups of {self.width // self.groups} leave one unit "
+                    "per group, which normalizes to 0"
                 )
                 raise ConfigError(
                     "groups",
                     self.groups,
                     f"allowed: a group count that divides the channels of every layer "
-                    f"GroupNorm normalizes ({where}), and {self.groups} does not divide "
-                    f"{bad[0]}; these do: " + ", ".join(str(g) for g in _common_divisors(channels)),
+                    f"GroupNorm normalizes ({where}) into groups of 2 or more, and {why}; "
+                    "these do: " + ", ".join(str(g) for g in fits),
                 )
         if self.residual != "none" and self.model != "mlp":
             raise ConfigError(

@@ -640,7 +640,7 @@ def _readme(
         "Reproduce: python -m bn_core run --config config.json --out run/",
     ]
     if history.events:
-        changes = "; ".join(f"{e.label} at step {e.step:,}" for e in history.events)
+        changes = "; ".join(e.detail for e in history.events)
         lines.append(f"Live changes during the run (also in events.json): {changes}.")
     if skipped:
         lines += ["", f"PNG, SVG and PDF were skipped: {skipped}"]

@@ -452,8 +452,10 @@ class History:
         """Record a live change of hyper-parameter ``name`` taking effect at ``step``.
 
         ``merge=True`` folds it into the last event of ``name``, which keeps its step and
-        its ``old`` and takes this ``new``; when that brings the setting back to where the
-        event started, the event is dropped and None returned (nothing changed in the end).
+        its ``old`` and takes this ``new``. When that would bring the setting back to where
+        the event started, the event is dropped and None returned if no step trained at
+        the changed value (nothing changed in the end); if steps did, the return is a
+        change of its own, recorded as a new event.
         """
         step, old, new = int(step), float(old), float(new)
         with self._lock:
@@ -463,13 +465,15 @@ class History:
             # another thread may be iterating over the old one.
             if merge and last is not None:
                 first = events[last]
-                if _same(first.old, new):
+                trained = step > first.step or first.until is not None
+                if not _same(first.old, new):
+                    until = step if step > first.step else first.until
+                    event = Event(first.step, name, first.old, new, until)
+                    self.events = [*events[:last], event, *events[last + 1 :]]
+                    return event
+                if not trained:
                     self.events = events[:last] + events[last + 1 :]
                     return None
-                until = step if step > first.step else first.until
-                event = Event(first.step, name, first.old, new, until)
-                self.events = [*events[:last], event, *events[last + 1 :]]
-                return event
             event = Event(step, name, old, new)
             self.events = [*events, event]
         return event

@@ -25,9 +25,11 @@ from ui.player import Player
 # 100,000-step run busy on the same cores.
 TICK_SECONDS = 0.2
 TRAIN_SECONDS = 0.08  # the most a tick trains (alone on the server)
+# Says what each control does, not how the run will turn out: that is for the charts.
 JUMP_NOTE = (
-    "A jump meets the plain net with weights tuned to the old rate, and it dies while BN "
-    "survives; raised a notch every two seconds, the rate lets the plain net adapt."
+    "A jump and a ramp are different lessons: a jump puts the new rate on weights tuned to "
+    "the old one, a ramp (a notch every few seconds) lets the weights follow it. Try both "
+    "and compare the plain net with BN."
 )
 
 ss = session.state()

@@ -1,10 +1,13 @@
 """Small batches and inference: BN against LayerNorm and GroupNorm at batch sizes 1 to 60."""
 
+import logging
+
 import pandas as pd
 import streamlit as st
 
 from bn_core.claims import ClaimBook, load_claims
 from bn_core.config import ConfigError, load_preset
+from bn_core.data import DatasetUnavailable
 from bn_core.experiments import charts
 from bn_core.experiments.small_batch import (
     BATCH_SIZES,
@@ -29,6 +32,7 @@ TICK_SECONDS = 0.5
 TRAIN_SECONDS = 0.4
 MARK = {True: ":green[**✓**]", False: ":red[**✗**]", None: ":gray[**…**]"}
 
+_LOG = logging.getLogger(__name__)
 ss = st.session_state
 ss.setdefault("sb_running", False)
 base = load_preset(PRESET)
@@ -76,7 +80,7 @@ def start() -> None:
     try:
         steps = check_steps(ss.sb_w_steps)
         study = SmallBatchStudy(base.replace(seed=ss.sb_w_seed), steps=steps)
-    except ConfigError as err:
+    except (ConfigError, DatasetUnavailable) as err:
         ss.sb_message = f"The study did not start; the last one is kept. {err}"
         return
     ss.sb_study = study
@@ -173,16 +177,25 @@ def study_panel() -> None:
     if study is None:
         st.info(
             f"Choose the steps and a seed and press **Start study**. At {DEFAULT_STEPS:,} "
-            f"steps per batch size the six runs train {DEFAULT_STEPS * 6:,} lockstep steps: "
-            "about half a minute on one CPU core, longer on a busy machine."
+            f"steps per batch size the six runs train {DEFAULT_STEPS * 6:,} lockstep steps; "
+            "the bar shows how far they are."
         )
         return
-    if ss.sb_running:
-        study.advance(load.training_seconds(TRAIN_SECONDS))
-        if study.finished:
-            ss.sb_running = False
-            st.rerun()
-    result = study.result()
+    try:
+        if ss.sb_running:
+            study.advance(load.training_seconds(TRAIN_SECONDS))
+            if study.finished:
+                ss.sb_running = False
+                st.rerun()
+        result = study.result()
+    except Exception as err:  # said on the page and logged, never only in the log
+        _LOG.error("small-batch study failed", exc_info=err)
+        ss.sb_running = False
+        st.error(
+            f"The study stopped: a step failed ({type(err).__name__}: {err}). The numbers "
+            "so far are kept; press Start study to run it again."
+        )
+        return
     if result.finished:
         state = "finished"
     elif ss.sb_running:
@@ -224,8 +237,9 @@ def study_panel() -> None:
         "size finishes."
     )
     show_checks(study_checks(result))
-    # The study's run at the preset's batch size is the preset's run (same config, and
-    # evaluations at the preset's cadence), so the preset's claims are read off it.
+    # The study's run at the preset's batch size has the preset's net, data, seed, batches
+    # and evaluation cadence (its probes are sparser and it may be shorter), so the
+    # preset's claims, which read evaluations, are read off it.
     trainer = study.trainer(base.batch_size)
     show_claims(
         ss.sb_claims,

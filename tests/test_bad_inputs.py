@@ -187,7 +187,8 @@ OTHER_CASES = [
         "groups",
         "3",
         "allowed: a group count that divides the channels of every layer GroupNorm "
-        "normalizes (width = 100 channels per layer), and 3 does not divide 100",
+        "normalizes (width = 100 channels per layer) into groups of 2 or more, and 3 does "
+        "not divide 100",
         exact=False,
         query={"variants": "plain,groupnorm", "groups": "3"},
         query_shown="3",

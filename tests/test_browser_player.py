@@ -153,7 +153,6 @@ def test_a_key_burst_on_momentum_while_training_is_one_marker_and_no_error(
         "status_line": page.get_by_text(STATUS_RE).inner_text(),
     }
     (artifacts_dir / "player_latency.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print("\nplayer latency:", json.dumps(metrics, indent=2))
     assert metrics["slider_answer_s"]["median"] < 0.2
     page.get_by_role("button", name=re.compile(r"\bPause$")).click()
     page.get_by_role("button", name=re.compile(r"\bPlay$")).wait_for()

@@ -495,3 +495,17 @@ def test_widget_hints_fit_the_field_kind():
 
 def test_every_data_set_choice_has_a_description():
     assert tuple(DATASETS) == FIELDS["dataset"].choices
+
+
+def test_groupnorm_groups_must_divide_every_layer_into_groups_of_two_or_more():
+    ok = RunConfig(variants=["plain", "groupnorm"], width=100, groups=50)
+    assert ok.groups == 50
+    with pytest.raises(ConfigError, match=r"^groups = 3: .*3 does not divide 100"):
+        RunConfig(variants=["plain", "groupnorm"], width=100, groups=3)
+    # One unit per group normalizes to 0: refused, though 100 divides 100.
+    with pytest.raises(ConfigError, match=r"^groups = 100: .*one unit per group"):
+        RunConfig(variants=["plain", "groupnorm"], width=100, groups=100)
+    # Only a groupnorm variant makes the field matter.
+    assert RunConfig(variants=["plain", "batchnorm"], width=100, groups=3).groups == 3
+    with pytest.raises(ConfigError, match=r"^groups = 4: .*these do: 1, 2$"):
+        RunConfig(model="lenet", variants=["plain", "groupnorm"], groups=4)

@@ -378,14 +378,22 @@ def test_merged_events_keep_the_first_step_and_old_value():
     assert merged.label == "momentum 0 → 0.9"
     assert merged.detail == "momentum 0 → 0.9 over steps 10–30"
     assert h.events[1].detail == "lr 0.5 → 1 at step 12"
-    # Back to where the event started: nothing changed in the end, and the event goes.
-    assert h.add_event(31, "momentum", 0.9, 0.0, merge=True) is None
-    assert h.events == [Event(12, "lr", 0.5, 1.0)]
+    # Back to where the event started after steps trained at the new value: that is a
+    # change of its own, and the merged event stays as the run saw it.
+    back = h.add_event(31, "momentum", 0.9, 0.0, merge=True)
+    assert back == Event(31, "momentum", 0.9, 0.0)
+    assert h.events == [merged, Event(12, "lr", 0.5, 1.0), back]
+    # Back to where the event started with no step trained in between: nothing changed
+    # in the end, and the event goes.
+    h.add_event(60, "lr", 1.0, 3.0)
+    assert h.add_event(60, "lr", 3.0, 1.0, merge=True) is None
+    assert h.events == [merged, Event(12, "lr", 0.5, 1.0), back]
     # None (nan) counts as a value like any other.
     h.add_event(40, "bn_momentum", 0.1, math.nan)
     assert h.add_event(40, "bn_momentum", math.nan, 0.1, merge=True) is None
     # With nothing to merge into, merge=True records a fresh event.
-    assert h.add_event(50, "momentum", 0.0, 0.5, merge=True) == Event(50, "momentum", 0.0, 0.5)
+    fresh = History()
+    assert fresh.add_event(50, "momentum", 0.0, 0.5, merge=True) == Event(50, "momentum", 0.0, 0.5)
 
 
 def test_an_events_list_read_before_a_merge_stays_as_it_was():

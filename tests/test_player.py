@@ -111,7 +111,7 @@ def test_a_failed_tick_is_said_on_the_page_keeps_the_run_and_pauses(at, caplog):
     assert at.session_state.playing is False
     assert [b.label for b in at.button if b.key == "live_play"] == ["Play"]
     (error,) = [e.value for e in at.main.error]
-    assert error.startswith("Training stopped at step 1: a step failed (RuntimeError: ")
+    assert error.startswith("Training stopped at step 1: a training step failed (RuntimeError: ")
     assert "Traceback" not in error and "kept and paused" in error
     logged = [r for r in caplog.records if r.name == "ui.player"]
     assert logged and logged[0].exc_info is not None  # the trace is in the server's log
@@ -144,7 +144,7 @@ def test_jump_multiplies_the_rate_by_20_in_one_change(at, monkeypatch):
     assert sidebar_widget(at.sidebar.select_slider, "Learning rate").value == 10.0
     assert [e.label for e in trainer.history.events] == ["lr 0.5 → 1", "lr 1 → 10"]
     assert at.button(key="w_lr_jump").disabled  # 10 is the slider's top
-    assert "A jump" in captions(at) and "adapt" in captions(at)
+    assert "A jump and a ramp are different lessons" in captions(at)
 
 
 # --- presets: one rule, and "Custom" once the set-up differs -------------------------------

@@ -179,7 +179,7 @@ class Player:
         try:
             self._apply(restart_ok=True)
         except Exception as err:  # shown on the page and logged: never only in the log
-            self._fail(err)
+            self._fail(err, "applying a change (a setting, a step or a restart)")
         finally:
             lock.release()
 
@@ -216,8 +216,12 @@ class Player:
             previous = applied.get(name)
             merge = not wish.jump and previous is not None
             merge = merge and wish.first - previous <= COALESCE_SECONDS
-            run.set_live(merge=merge, **{name: wish.value})
-            applied[name] = -math.inf if wish.jump else wish.last
+            if run.set_live(merge=merge, **{name: wish.value}):
+                applied[name] = -math.inf if wish.jump else wish.last
+            else:
+                # No event stands for this change (none, or undone): a later change must
+                # not fold into an older event of the setting.
+                applied.pop(name, None)
         if wishes.play is not None:
             ss[self.playing_key] = wishes.play and not run.finished
             if wishes.play:
@@ -227,7 +231,7 @@ class Player:
             if run.step == wishes.step_from:
                 run.advance(steps=1)
 
-    def _fail(self, err: Exception) -> None:
+    def _fail(self, err: Exception, what: str = "a training step") -> None:
         """A failed tick or wish: pause, keep the run, say so on the page, log the trace."""
         ss = st.session_state
         step = getattr(self.run, "step", None)
@@ -239,7 +243,7 @@ class Player:
         if len(reason) > 160:
             reason = reason[:159] + "…"
         ss[self._key("error")] = (
-            f"Training stopped{where}: a step failed ({type(err).__name__}"
+            f"Training stopped{where}: {what} failed ({type(err).__name__}"
             + (f": {reason}" if reason else "")
             + "). The run so far is kept and paused: play it again to retry, or start a "
             "fresh run."
