@@ -98,7 +98,7 @@ def run_sessions(sessions: int, seconds: float, log_path: Path) -> dict:
             for i, (page, own) in enumerate(zip(pages, mine, strict=True)):
                 step, states = read_status(page)
                 names = re.findall(r"(\w[\w.\-]*): ", states)
-                seed = page.get_by_label("Seed").input_value()
+                seed = page.get_by_label("Seed", exact=True).input_value()
                 rate = (step - start_steps[i]) / elapsed
                 per_session.append(
                     {"session": i, "steps": step, "steps_per_s": round(rate, 1), "variants": names}

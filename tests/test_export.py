@@ -177,7 +177,7 @@ def test_figure_specs_cover_the_live_page_in_the_print_theme(specs, history, con
         )
     # Percentile bands and the histogram default to the last layer, as the page does.
     assert last_layer in specs["percentile_bands"].title
-    assert f"one unit of {last_layer}" in specs["percentile_bands_unit"].title
+    assert f"One unit's input in {last_layer}" in specs["percentile_bands_unit"].title
     assert f"#{config.probe_unit}" in specs["percentile_bands_unit"].caption
     assert specs["histogram_overlay"].title.startswith(f"{last_layer}:")
 
