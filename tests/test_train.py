@@ -400,9 +400,16 @@ def test_set_live_changes_in_quick_succession_are_one_event(digits):
     assert t.set_live(merge=True, momentum=0.9) == [Event(5, "momentum", 0.5, 0.9, until=6)]
     assert t.optimizer.momentum == 0.9
     assert [e.label for e in t.history.events] == ["momentum 0 → 0.5", "momentum 0.5 → 0.9"]
-    # Changed back to where its event started: the event goes, the setting still applies.
+    # Changed back to where its event started after a step trained at 0.9: a change of
+    # its own, so the charts still show the step that ran at 0.9.
+    assert t.set_live(merge=True, momentum=0.5) == [Event(6, "momentum", 0.9, 0.5)]
+    assert t.live["momentum"] == t.optimizer.momentum == 0.5
+    # Changed and changed back within one step, nothing trained in between: no event.
+    t.advance(steps=1)
+    assert t.set_live(momentum=0.2) == [Event(7, "momentum", 0.5, 0.2)]
     assert t.set_live(merge=True, momentum=0.5) == []
-    assert [e.label for e in t.history.events] == ["momentum 0 → 0.5"]
+    labels = [e.label for e in t.history.events]
+    assert labels == ["momentum 0 → 0.5", "momentum 0.5 → 0.9", "momentum 0.9 → 0.5"]
     assert t.live["momentum"] == t.optimizer.momentum == 0.5
 
 
