@@ -205,7 +205,7 @@ def test_play_live_lr_change_pause(server, browser, page, artifacts_dir):
     assert seen == sorted(seen)
 
     # A measuring window: fragment reruns (status-line changes), frames and bytes.
-    window = 5.0
+    window = 3.0
     before = page.evaluate("({...window.__watch})")
     draws_before = page.evaluate(CHART_DRAWS_JS)
     step_before, frames_before, start = read_step(page), len(frames), time.monotonic()

@@ -73,7 +73,13 @@ def test_charts_follow_the_light_or_dark_theme(server, browser, artifacts_dir):
             f"() => {{ {LIGHTNESS_JS} return {PLOTS_JS}.every(p =>"
             " lightness(getComputedStyle(p.querySelector('.main-svg')).backgroundColor) > 0.9); }"
         )
+        # The background turns first; the tick labels follow when the chart redraws (a
+        # chart in the middle of a redraw has no ticks for a moment).
+        deadline = time.monotonic() + 10
         light = page.evaluate(CHART_COLOURS_JS)
+        while not all(c["ticks"] < 0.5 for c in light) and time.monotonic() < deadline:
+            page.wait_for_timeout(100)
+            light = page.evaluate(CHART_COLOURS_JS)
         assert all(c["ticks"] < 0.5 for c in light), light
         for theme in (dark, light):
             assert {OKABE_ORANGE, OKABE_BLUE} <= set(theme[0]["lines"]), theme[0]["lines"]
