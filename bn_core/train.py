@@ -25,7 +25,14 @@ from bn_core.history import Event, History
 from bn_core.models import build_model, variant_losses
 from bn_core.telemetry import STATS_EXAMPLES, Telemetry
 
-__all__ = ["DeviceUnavailable", "Measure", "Trainer", "VariantStatus", "resolve_device"]
+__all__ = [
+    "DeviceUnavailable",
+    "Measure",
+    "RunQueue",
+    "Trainer",
+    "VariantStatus",
+    "resolve_device",
+]
 
 
 class DeviceUnavailable(ConfigError):
@@ -379,3 +386,43 @@ class Trainer:
         for v, value in enumerate(loss_values):
             self._loss_sum[v] += value
         self._loss_count += 1
+
+
+class RunQueue:
+    """Runs trained one after another, a time slice at a time (one UI tick each), as the
+    learning-rate sweep and the small-batch study train theirs. ``queue`` lists the runs
+    in the order they train; each is ``steps`` long."""
+
+    steps: int
+
+    def queue(self) -> list[Trainer]:
+        raise NotImplementedError
+
+    @property
+    def finished(self) -> bool:
+        return all(t.finished for t in self.queue())
+
+    @property
+    def steps_done(self) -> int:
+        # A run whose variants all diverged is done before its last step.
+        return sum(t.config.steps if t.finished else t.step for t in self.queue())
+
+    @property
+    def steps_total(self) -> int:
+        return self.steps * len(self.queue())
+
+    @property
+    def progress(self) -> float:
+        return self.steps_done / self.steps_total
+
+    def advance(self, seconds: float) -> int:
+        """Train the first unfinished run for about ``seconds``; returns the steps done."""
+        start, done = time.perf_counter(), 0
+        for trainer in self.queue():
+            if trainer.finished:
+                continue
+            left = seconds - (time.perf_counter() - start)
+            if left <= 0:
+                break
+            done += trainer.advance(seconds=left)
+        return done

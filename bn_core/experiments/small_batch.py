@@ -21,7 +21,6 @@ are the sentences the page says across batch sizes, each with its numbers and a 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +29,7 @@ import torch
 from bn_core.config import ConfigError, RunConfig, load_preset
 from bn_core.data import Dataset, load_dataset
 from bn_core.models import batch_statistics_pass
-from bn_core.train import Trainer
+from bn_core.train import RunQueue, Trainer
 
 __all__ = [
     "BATCH_SIZES",
@@ -202,7 +201,7 @@ def batch_statistics_accuracy(trainer: Trainer, batch_size: int, seed: int = 0) 
 
 
 # --- the study ---------------------------------------------------------------------------
-class SmallBatchStudy:
+class SmallBatchStudy(RunQueue):
     """plain, batchnorm, layernorm and groupnorm at each batch size, from the same weights;
     then plain, layernorm and groupnorm at batch 1. Advance it in time slices."""
 
@@ -254,50 +253,22 @@ class SmallBatchStudy:
         self.layer_refusal = batch_one_layer_refusal(self.trainers[0])
         self._rows: dict[int, BatchSizeRow] = {}
 
-    @property
-    def all_trainers(self) -> list[Trainer]:
+    def queue(self) -> list[Trainer]:
+        """The batch-size runs, largest last, then the batch-1 run."""
         return [*self.trainers, self.batch_one_trainer]
 
     def trainer(self, batch_size: int) -> Trainer:
         """The run at ``batch_size`` (1: the per-example norms and the plain net)."""
-        for trainer in self.all_trainers:
+        for trainer in self.queue():
             if trainer.config.batch_size == batch_size:
                 return trainer
         sizes = ", ".join(str(b) for b in (*self.batch_sizes, 1))
         raise ConfigError("batch_size", batch_size, f"allowed: one of this study's: {sizes}")
 
     @property
-    def finished(self) -> bool:
-        return all(t.finished for t in self.all_trainers)
-
-    @property
-    def steps_done(self) -> int:
-        return sum(t.config.steps if t.finished else t.step for t in self.all_trainers)
-
-    @property
-    def steps_total(self) -> int:
-        return self.steps * len(self.all_trainers)
-
-    @property
-    def progress(self) -> float:
-        return self.steps_done / self.steps_total
-
-    @property
     def training(self) -> int | None:
         """The batch size of the run that trains next (None when all are done)."""
-        return next((t.config.batch_size for t in self.all_trainers if not t.finished), None)
-
-    def advance(self, seconds: float) -> int:
-        """Train the first unfinished run for about ``seconds``; returns the steps done."""
-        start, done = time.perf_counter(), 0
-        for trainer in self.all_trainers:
-            if trainer.finished:
-                continue
-            left = seconds - (time.perf_counter() - start)
-            if left <= 0:
-                break
-            done += trainer.advance(seconds=left)
-        return done
+        return next((t.config.batch_size for t in self.queue() if not t.finished), None)
 
     def result(self) -> StudyResult:
         """The numbers of every batch size whose run is done (rows of runs still training

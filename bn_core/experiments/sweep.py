@@ -10,14 +10,13 @@ lockstep runs over the same data, trained in turn.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from bn_core.config import ConfigError, RunConfig, VariantSpec
 from bn_core.data import Dataset, load_dataset
-from bn_core.train import Trainer
+from bn_core.train import RunQueue, Trainer
 
 __all__ = [
     "MAX_RATES",
@@ -100,7 +99,7 @@ class SweepResult:
         return span is not None and (span[0] <= grid[0] or span[1] >= grid[-1])
 
 
-class LrSweep:
+class LrSweep(RunQueue):
     """Trains every (learning rate, variant) pair of a sweep; advance it in time slices."""
 
     def __init__(
@@ -144,34 +143,8 @@ class LrSweep:
             # variants add about 15% to the training time.
             self.trainers.append(Trainer(config, dataset, measure_layers=False))
 
-    @property
-    def finished(self) -> bool:
-        return all(t.finished for t in self.trainers)
-
-    @property
-    def steps_done(self) -> int:
-        # A run whose variants all diverged is done before its last step.
-        return sum(t.config.steps if t.finished else t.step for t in self.trainers)
-
-    @property
-    def steps_total(self) -> int:
-        return self.steps * len(self.trainers)
-
-    @property
-    def progress(self) -> float:
-        return self.steps_done / self.steps_total
-
-    def advance(self, seconds: float) -> int:
-        """Train the first unfinished run for about ``seconds``; returns the steps done."""
-        start, done = time.perf_counter(), 0
-        for trainer in self.trainers:
-            if trainer.finished:
-                continue
-            left = seconds - (time.perf_counter() - start)
-            if left <= 0:
-                break
-            done += trainer.advance(seconds=left)
-        return done
+    def queue(self) -> list[Trainer]:
+        return self.trainers
 
     def result(self) -> SweepResult:
         points = []
