@@ -430,46 +430,37 @@ def telemetry_overhead(config: Config) -> dict:
     }
 
 
+def _lockstep_against_bn_alone(config: Config, variants: list[str]) -> dict:
+    """``variants`` in lockstep vs batchnorm alone, the same telemetry on both sides."""
+    from bn_core.train import Trainer
+
+    lockstep = Trainer(_fig1_config(variants=variants))
+    alone = Trainer(_fig1_config(variants=["batchnorm"]))
+    chunk = 100
+    for trainer in (lockstep, alone):  # evaluations mid-round, as in telemetry_overhead
+        trainer.advance(steps=chunk // 2)
+    rounds = config.pick(9, 31)
+    timing = interleaved(_advance(lockstep, chunk), _advance(alone, chunk), rounds, 1, 2)
+    return {
+        "ours_s": timing.ours_s / chunk,
+        "reference_s": timing.reference_s / chunk,
+        "note": f"s/step, digits, telemetry every 10; {rounds} rounds of {chunk} steps",
+    }
+
+
 @benchmark("lockstep_pair", target=1.3)
 def lockstep_pair(config: Config) -> dict:
     """plain + batchnorm in lockstep vs batchnorm alone (same telemetry on both sides)."""
-    from bn_core.train import Trainer
-
-    pair = Trainer(_fig1_config())
-    alone = Trainer(_fig1_config(variants=["batchnorm"]))
-    chunk = 100
-    for trainer in (pair, alone):  # evaluations mid-round, as in telemetry_overhead
-        trainer.advance(steps=chunk // 2)
-    rounds = config.pick(9, 31)
-    timing = interleaved(_advance(pair, chunk), _advance(alone, chunk), rounds, 1, 2)
-    ours, ref = timing.ours_s, timing.reference_s
-    return {
-        "ours_s": ours / chunk,
-        "reference_s": ref / chunk,
-        "note": f"s/step, digits, telemetry every 10; {rounds} rounds of {chunk} steps",
-    }
+    return _lockstep_against_bn_alone(config, ["plain", "batchnorm"])
 
 
 @benchmark("normalizers_5", target=2.5)
 def normalizers_5(config: Config) -> dict:
     """plain, batchnorm, layernorm, groupnorm and rmsnorm in lockstep vs batchnorm alone
     (same telemetry on both sides)."""
-    from bn_core.train import Trainer
-
-    five = Trainer(
-        _fig1_config(variants=["plain", "batchnorm", "layernorm", "groupnorm", "rmsnorm"])
+    return _lockstep_against_bn_alone(
+        config, ["plain", "batchnorm", "layernorm", "groupnorm", "rmsnorm"]
     )
-    alone = Trainer(_fig1_config(variants=["batchnorm"]))
-    chunk = 100
-    for trainer in (five, alone):  # evaluations mid-round, as in telemetry_overhead
-        trainer.advance(steps=chunk // 2)
-    rounds = config.pick(9, 31)
-    timing = interleaved(_advance(five, chunk), _advance(alone, chunk), rounds, 1, 2)
-    return {
-        "ours_s": timing.ours_s / chunk,
-        "reference_s": timing.reference_s / chunk,
-        "note": f"s/step, digits, telemetry every 10; {rounds} rounds of {chunk} steps",
-    }
 
 
 def _bare_fig1_nets(seed: int, input_dim: int = 784):

@@ -661,11 +661,8 @@ def graph_nodes(root: torch.autograd.graph.Node) -> list[torch.autograd.graph.No
     return nodes
 
 
-def test_default_live_run_trains_every_bn_layer_through_the_one_function():
-    config = load_preset("ioffe-fig1")  # the live page's default set-up
-    trainer = Trainer(config)
-    bn_modules = [m for m in trainer.model.modules() if isinstance(m, BN_TYPES)]
-    assert bn_modules and all(type(m) is BatchNorm for m in bn_modules)
+def watch_graphs(trainer: Trainer) -> list[list[str]]:
+    """The node names of each coming step's autograd graph, read off its losses."""
     graphs: list[list[str]] = []
     own_loss = trainer.loss_fn
 
@@ -675,6 +672,15 @@ def test_default_live_run_trains_every_bn_layer_through_the_one_function():
         return losses
 
     trainer.loss_fn = loss_and_graph
+    return graphs
+
+
+def test_default_live_run_trains_every_bn_layer_through_the_one_function():
+    config = load_preset("ioffe-fig1")  # the live page's default set-up
+    trainer = Trainer(config)
+    bn_modules = [m for m in trainer.model.modules() if isinstance(m, BN_TYPES)]
+    assert bn_modules and all(type(m) is BatchNorm for m in bn_modules)
+    graphs = watch_graphs(trainer)
     trainer.advance(steps=20)
     assert len(graphs) == 20
     for names in graphs:
@@ -694,15 +700,7 @@ def test_normalizer_variants_train_through_their_own_function_and_are_measured(d
     measure the charts read exists for every variant."""
     norms = ["plain", "batchnorm", "layernorm", "groupnorm", "rmsnorm"]
     trainer = Trainer(small(variants=norms, steps=30, eval_every=10), digits)
-    graphs: list[list[str]] = []
-    own_loss = trainer.loss_fn
-
-    def loss_and_graph(logits, y):
-        losses = own_loss(logits, y)
-        graphs.append([node.name() for node in graph_nodes(losses.grad_fn)])
-        return losses
-
-    trainer.loss_fn = loss_and_graph
+    graphs = watch_graphs(trainer)
     trainer.advance(steps=30)
     depth = trainer.config.depth
     for names in graphs:
