@@ -27,7 +27,13 @@ from bn_core.batchnorm import (
     set_noise_states,
 )
 from bn_core.config import RunConfig, VariantSpec
-from bn_core.normalizers import GroupNorm, LayerNorm, RMSNorm
+from bn_core.normalizers import (
+    PER_EXAMPLE_NORMS,
+    ExampleNormStack,
+    GroupNorm,
+    LayerNorm,
+    RMSNorm,
+)
 
 __all__ = [
     "LayerRecord",
@@ -80,13 +86,13 @@ def make_norm(
     noise: NoiseSettings | None = None,
     seed: int = 0,
 ) -> nn.Module | None:
-    """The normalization layer a variant uses, or None for the plain net.
+    """The normalization layer of one variant, or of a run of ``groups`` BatchNorm variants
+    sharing it (its ``features`` are theirs side by side); None for the plain net.
 
-    ``groups`` variants share the layer (its ``features`` are theirs side by side); it
-    matters for the per-variant norms (GroupNorm's groups, LayerNorm's features) and for
-    batchnorm-noisy's noise draw. ``channel_groups`` is GroupNorm's group count per
-    variant, and ``seed`` seeds noisy BN's noise generator. ``dims`` is 1 for (N, C)
-    features and 2 for (N, C, H, W) feature maps.
+    ``groups`` matters for batchnorm-noisy's noise draw, one per variant.
+    ``channel_groups`` is GroupNorm's group count, and ``seed`` seeds noisy BN's noise
+    generator. ``dims`` is 1 for (N, C) features and 2 for (N, C, H, W) feature maps.
+    A lockstep run's per-example variants share an ``ExampleNormStack`` instead.
     """
     if norm == "none":
         return None
@@ -96,11 +102,11 @@ def make_norm(
     if norm == "batchnorm-noisy":
         return NoisyBatchNorm(features, momentum=bn_momentum, groups=groups, noise=noise, seed=seed)
     if norm == "groupnorm":
-        return GroupNorm(groups * channel_groups, features)
+        return GroupNorm(channel_groups, features)
     if norm == "layernorm":
         # A feature map's LayerNorm: each example over all its channels and positions,
         # with a gamma and beta per channel (GroupNorm with one group per example).
-        return LayerNorm(features) if dims == 1 else GroupNorm(groups, features)
+        return LayerNorm(features) if dims == 1 else GroupNorm(1, features)
     if norm == "rmsnorm":
         return RMSNorm(features, eps=1e-5)
     return BatchNorm(features, momentum=bn_momentum, grad_through_stats=(norm != "batchnorm-naive"))
@@ -145,11 +151,11 @@ def _init_weight(shape_in: int, shape_out: int, config: RunConfig, gen: torch.Ge
 class _NormGroups(nn.Module):
     """Applies each variant's normalization to its slice of a (V, N, C) activation.
 
-    Consecutive variants with the same normalization form a run that shares one module
-    over V_run * C features: per-feature statistics over N are exactly per-variant,
-    per-channel statistics, and the per-example norms (LayerNorm, GroupNorm, RMSNorm)
-    normalize each variant's C features of an example on their own. Runs are contiguous
-    slices, so no gather or scatter is needed.
+    Consecutive variants with the same BatchNorm form a run that shares one module over
+    V_run * C features: per-feature statistics over N are exactly per-variant, per-channel
+    statistics. Consecutive per-example variants (LayerNorm, GroupNorm, RMSNorm, in any mix)
+    form a run that one ``ExampleNormStack`` normalizes, each variant over its own
+    features. Runs are contiguous slices, so no gather or scatter is needed.
     """
 
     def __init__(
@@ -164,33 +170,38 @@ class _NormGroups(nn.Module):
         super().__init__()
         self.width = width
         self.channel_groups = channel_groups
-        self.runs: list[tuple[int, int, str]] = []  # (start, stop, norm)
+        self.norm_of = [spec.norm for spec in specs]  # each variant's normalization
+
+        def family(norm: str) -> str:
+            return "per-example" if norm in PER_EXAMPLE_NORMS else norm
+
+        self.runs: list[tuple[int, int, str]] = []  # (start, stop, family)
         for i, spec in enumerate(specs):
-            if self.runs and self.runs[-1][2] == spec.norm:
-                self.runs[-1] = (self.runs[-1][0], i + 1, spec.norm)
+            if self.runs and self.runs[-1][2] == family(spec.norm):
+                self.runs[-1] = (self.runs[-1][0], i + 1, self.runs[-1][2])
             else:
-                self.runs.append((i, i + 1, spec.norm))
-        bn_runs = [r for r in self.runs if r[2] != "none"]
-        self.kinds = [norm for _, _, norm in bn_runs]
-        self.group_index = [list(range(a, b)) for a, b, _ in bn_runs]
+                self.runs.append((i, i + 1, family(spec.norm)))
+        norm_runs = [r for r in self.runs if r[2] != "none"]
+        self.group_index = [list(range(a, b)) for a, b, _ in norm_runs]
         self.groups = nn.ModuleList(
             [
-                make_norm(
-                    norm,
+                ExampleNormStack(self.norm_of[a:b], width, channel_groups)
+                if kind == "per-example"
+                else make_norm(
+                    kind,
                     (b - a) * width,
                     1,
                     bn_momentum,
                     groups=b - a,
-                    channel_groups=channel_groups,
                     noise=noise,
                     seed=seed + a,
                 )
-                for a, b, norm in bn_runs
+                for a, b, kind in norm_runs
             ]
         )
         # The module that normalizes each run, None for the plain ones.
         modules = iter(self.groups)
-        self._run_modules = [None if norm == "none" else next(modules) for *_, norm in self.runs]
+        self._run_modules = [None if kind == "none" else next(modules) for *_, kind in self.runs]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if not self.groups:
@@ -203,7 +214,7 @@ class _NormGroups(nn.Module):
         for (a, b, _), bn, part in zip(self.runs, self._run_modules, parts, strict=True):
             if bn is None:
                 pieces.append(part)
-            elif type(bn) in (BatchNorm, LayerNorm, GroupNorm, RMSNorm):
+            elif type(bn) in (BatchNorm, ExampleNormStack):
                 # Our layers normalize the run's (V_run, N, C) slice where it lies.
                 pieces.append(bn.forward_variants(part))
             else:
@@ -228,7 +239,8 @@ class _NormGroups(nn.Module):
             if variant in index:
                 k = index.index(variant)
                 sl = slice(k * self.width, (k + 1) * self.width)
-                return bn.weight[sl], None if bn.bias is None else bn.bias[sl]
+                no_beta = bn.bias is None or self.norm_of[variant] == "rmsnorm"
+                return bn.weight[sl], None if no_beta else bn.bias[sl]
         return None
 
 
@@ -375,8 +387,9 @@ class LockstepMLP(nn.Module):
 
 def _extract_bn(norm: _NormGroups, variant: int) -> nn.Module | None:
     """One variant's normalization layer of a lockstep layer, as a module of its own."""
-    for index, kind, bn in zip(norm.group_index, norm.kinds, norm.groups, strict=True):
+    for index, bn in zip(norm.group_index, norm.groups, strict=True):
         if variant in index:
+            kind = norm.norm_of[variant]
             single = make_norm(
                 kind,
                 norm.width,
@@ -390,7 +403,7 @@ def _extract_bn(norm: _NormGroups, variant: int) -> nn.Module | None:
             sl = slice(k * norm.width, (k + 1) * norm.width)
             with torch.no_grad():
                 single.weight.copy_(bn.weight[sl])
-                if bn.bias is not None:
+                if single.bias is not None:
                     single.bias.copy_(bn.bias[sl])
                 if getattr(bn, "running_mean", None) is not None:
                     single.running_mean.copy_(bn.running_mean[sl])

@@ -14,7 +14,13 @@ from torch import nn
 from torch.func import functional_call
 from torch.testing import assert_close
 
-from bn_core.normalizers import ExampleNormFunction, GroupNorm, LayerNorm, RMSNorm
+from bn_core.normalizers import (
+    ExampleNormFunction,
+    ExampleNormStack,
+    GroupNorm,
+    LayerNorm,
+    RMSNorm,
+)
 
 F64 = torch.float64
 RTOL = 1e-10
@@ -417,65 +423,101 @@ def test_float64_input_to_a_float32_layer_is_computed_in_float64(kind, args):
 
 
 # --- lockstep variants ----------------------------------------------------------------------
-VARIANT_CASES = [
-    ("LayerNorm", lambda V, C: ((V * C,), {}), lambda C: ((C,), {}), 3, 6, 4),
-    (
-        "LayerNorm",
-        lambda V, C: ((V * C,), {"bias": False}),
-        lambda C: ((C,), {"bias": False}),
-        2,
-        5,
-        3,
-    ),
-    ("LayerNorm", lambda V, C: ((V * C,), {"elementwise_affine": False}), None, 3, 1, 4),
-    ("RMSNorm", lambda V, C: ((V * C,), {}), lambda C: ((C,), {}), 3, 6, 4),
-    ("RMSNorm", lambda V, C: ((V * C,), {}), lambda C: ((C,), {}), 2, 4, 1),
-    ("GroupNorm", lambda V, C: ((V * 2, V * C), {}), lambda C: ((2, C), {}), 3, 6, 4),
-    ("GroupNorm", lambda V, C: ((V * 3, V * C), {}), lambda C: ((3, C), {}), 2, 1, 6),
-    ("GroupNorm", lambda V, C: ((V, V * C), {"affine": False}), None, 4, 5, 3),
-    ("GroupNorm", lambda V, C: ((V, V * C), {}), lambda C: ((1, C), {}), 1, 5, 1),
+# ExampleNormStack normalizes a lockstep (V, N, C) stack of per-example variants in one call;
+# each variant must get exactly what torch's own layer of C features gives it.
+TORCH_OF = {
+    "layernorm": lambda C, G: nn.LayerNorm(C, dtype=F64),
+    "groupnorm": lambda C, G: nn.GroupNorm(G, C, dtype=F64),
+    "rmsnorm": lambda C, G: nn.RMSNorm(C, eps=1e-5, dtype=F64),
+}
+STACK_CASES = [
+    (["layernorm", "groupnorm", "rmsnorm"], 6, 8, 4),
+    (["groupnorm", "layernorm"], 5, 6, 3),
+    (["rmsnorm", "groupnorm", "groupnorm"], 4, 6, 2),
+    (["layernorm", "layernorm"], 5, 3, 1),
+    (["rmsnorm", "rmsnorm"], 4, 3, 1),
+    (["groupnorm"], 1, 6, 3),
+    (["layernorm", "rmsnorm"], 1, 4, 1),
+    (["groupnorm", "rmsnorm", "layernorm", "groupnorm"], 3, 4, 2),
 ]
 
 
-@pytest.mark.parametrize(("kind", "stacked_args", "single_args", "V", "N", "C"), VARIANT_CASES)
-def test_forward_variants_equals_separate_layers(kind, stacked_args, single_args, V, N, C):
-    # (V, N, C) through forward_variants: variant v's channel c is feature v * C + c.
+def make_stack(kinds, C, G, gen):
+    stack = ExampleNormStack(kinds, C, G).double()
+    with torch.no_grad():
+        for name, p in stack.named_parameters():
+            scale = 3.0 if name == "bias" else 2.0
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64) * scale)
+    return stack
+
+
+@pytest.mark.parametrize(("kinds", "N", "C", "G"), STACK_CASES)
+def test_stack_equals_each_variants_own_torch_layer(kinds, N, C, G):
     gen = torch.Generator().manual_seed(9)
-    args, kw = stacked_args(V, C)
-    stacked, _ = make_pair(kind, args, kw, gen)
+    stack = make_stack(kinds, C, G, gen)
+    V = len(kinds)
+    # Variants stacked along dim 0 but not contiguous in memory, as a transposed copy.
     h = make_x((V, N, C), gen).transpose(0, 1).contiguous().transpose(0, 1)
     dy = torch.randn(V, N, C, generator=gen, dtype=F64)
-    out, dh, dweight, dbias = run(stacked, h, dy, forward=stacked.forward_variants)
-    for v in range(V):
+    out, dh, dweight, dbias = run(stack, h, dy, forward=stack.forward_variants)
+    for v, kind in enumerate(kinds):
         sl = slice(v * C, (v + 1) * C)
-        if single_args is None:
-            args, kw = stacked_args(1, C)
-        else:
-            args, kw = single_args(C)
-        single = TORCH[kind](*args, **kw, dtype=F64)
+        single = TORCH_OF[kind](C, G)
         with torch.no_grad():
             for name, p in single.named_parameters():
-                p.copy_(stacked.get_parameter(name)[sl])
+                p.copy_(stack.get_parameter(name)[sl])
         yv, dxv, dwv, dbv = run(single, h[v], dy[v])
         exact(out[v], yv)
         exact(dh[v], dxv)
-        for ours, ref in paired((dweight, dbias), (dwv, dbv)):
-            exact(ours[sl], ref)
+        exact(dweight[sl], dwv)
+        if kind == "rmsnorm":
+            # RMSNorm has no beta: its slice of the stack's bias is held at 0.
+            assert dbv is None
+            assert dbias is None or dbias[sl].abs().max() == 0
+        else:
+            exact(dbias[sl], dbv)
+
+
+def test_stack_gradcheck_with_batched_grads():
+    # The merged sets (LayerNorm and GroupNorm mixed) and per-set centering through
+    # ExampleNormFunction, against finite differences.
+    gen = torch.Generator().manual_seed(10)
+    stack = make_stack(["layernorm", "groupnorm", "rmsnorm"], 4, 2, gen)
+    h = make_x((3, 5, 4), gen).requires_grad_(True)
+    weight = stack.weight.detach().clone().requires_grad_(True)
+    bias = stack.bias.detach().clone().requires_grad_(True)
+
+    def f(h, weight, bias):
+        return functional_call(stack, {"weight": weight, "bias": bias}, (h,))
+
+    assert torch.autograd.gradcheck(f, (h, weight, bias), check_batched_grad=True)
 
 
 @pytest.mark.parametrize(
-    ("module", "shape", "match"),
+    ("kinds", "C", "G", "shape", "match"),
     [
-        (LayerNorm(12), (2, 6, 4), r"shape \(2, 6, 4\): expected \(V, N, C\) with V \* C = "),
-        (LayerNorm((3, 4)), (3, 6, 4), "normalized_shape = "),
-        (RMSNorm(12), (6, 12), r"expected \(V, N, C\)"),
-        (GroupNorm(6, 12), (2, 6, 4), r"V \* C = num_channels = 12"),
-        (GroupNorm(2, 12), (3, 6, 4), "V dividing num_groups = 2"),
+        (["layernorm"], 4, 1, (2, 6, 4), r"shape \(2, 6, 4\): expected \(V, N, C\) with V = 1"),
+        (["rmsnorm", "layernorm"], 4, 1, (2, 6, 5), "C = 4 features"),
+        (["groupnorm"], 4, 2, (6, 4), r"expected \(V, N, C\)"),
+        (["groupnorm"], 4, 4, (1, 1, 4), "a single example with one value per group"),
     ],
 )
-def test_forward_variants_rejects_a_stack_of_the_wrong_shape(module, shape, match):
-    with pytest.raises(RuntimeError, match=match):
-        module.forward_variants(torch.randn(shape))
+def test_stack_rejects_what_the_layers_reject(kinds, C, G, shape, match):
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        ExampleNormStack(kinds, C, G).forward_variants(torch.randn(shape))
+
+
+@pytest.mark.parametrize(
+    ("kinds", "C", "G", "match"),
+    [
+        (["groupnorm", "layernorm"], 6, 4, "groups = 4 must divide features = 6"),
+        (["batchnorm"], 4, 1, "kinds = \\['batchnorm'\\]"),
+        ([], 4, 1, "kinds = \\[\\]"),
+    ],
+)
+def test_stack_refuses_a_grouping_that_does_not_fit(kinds, C, G, match):
+    with pytest.raises(ValueError, match=match):
+        ExampleNormStack(kinds, C, G)
 
 
 def test_group_norm_variants_need_groups_that_divide_their_channels():
