@@ -22,6 +22,7 @@ import torch
 from bn_core.config import FIELDS, LIVE_FIELDS, MEASURE_CADENCES, ConfigError, RunConfig
 from bn_core.data import Dataset, load_dataset
 from bn_core.history import Event, History
+from bn_core.memory import keep_freed_memory
 from bn_core.models import build_model, variant_losses
 from bn_core.telemetry import STATS_EXAMPLES, Telemetry
 
@@ -183,6 +184,7 @@ class Trainer:
                 )
         self.config = config
         self.measures = list(measures)
+        keep_freed_memory()  # a logged step's large temporaries, reused: see bn_core/memory.py
         self.device = resolve_device(config.device)
         if dataset is None:
             dataset = load_dataset(
