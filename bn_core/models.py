@@ -203,15 +203,25 @@ class _NormGroups(nn.Module):
         modules = iter(self.groups)
         self._run_modules = [None if kind == "none" else next(modules) for *_, kind in self.runs]
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, variants: list[int] | None = None) -> torch.Tensor:
+        """Normalize h, (V, N, C); or, given ``variants`` (whole runs, in order), the stack of
+        just those variants."""
         if not self.groups:
             return h
+        runs, modules = self.runs, self._run_modules
+        if variants is not None:
+            picked = [k for k, (a, b, _) in enumerate(runs) if a in variants]
+            runs, modules = [runs[k] for k in picked], [modules[k] for k in picked]
+            if [v for a, b, _ in runs for v in range(a, b)] != list(variants):
+                raise ValueError(f"variants {variants} are not whole runs of {self.runs}")
+            if all(m is None for m in modules):
+                return h
         V, N, C = h.shape
         pieces = []
         # One split rather than a slice per run: its backward is a single concatenation,
         # where each slice's backward would write a full-size tensor of zeros.
-        parts = (h,) if len(self.runs) == 1 else h.split([b - a for a, b, _ in self.runs])
-        for (a, b, _), bn, part in zip(self.runs, self._run_modules, parts, strict=True):
+        parts = (h,) if len(runs) == 1 else h.split([b - a for a, b, _ in runs])
+        for (a, b, _), bn, part in zip(runs, modules, parts, strict=True):
             if bn is None:
                 pieces.append(part)
             elif type(bn) in (BatchNorm, ExampleNormStack):
@@ -222,6 +232,15 @@ class _NormGroups(nn.Module):
                 flat = part.permute(1, 0, 2).reshape(N, (b - a) * C)
                 pieces.append(bn(flat).view(N, b - a, C).permute(1, 0, 2))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+
+    def running_stat_variants(self) -> list[int]:
+        """The variants whose layers keep running statistics (BatchNorm's), whole runs."""
+        return [
+            v
+            for index, bn in zip(self.group_index, self.groups, strict=True)
+            if getattr(bn, "running_mean", None) is not None
+            for v in index
+        ]
 
     def stats(self, variant: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(running_mean, running_var) of one variant, or None if it has no BN here."""
@@ -285,14 +304,24 @@ class LockstepMLP(nn.Module):
         self.out_bias = nn.Parameter(torch.zeros(V, 1, num_classes))
 
     def forward(
-        self, x: torch.Tensor, record: bool = False
+        self, x: torch.Tensor, record: bool = False, variants: list[int] | None = None
     ) -> tuple[torch.Tensor, list[LayerRecord]]:
-        """x: (N, d) shared by all variants; returns logits (V, N, classes) and records."""
-        V = self.out_weight.shape[0]
+        """x: (N, d) shared by all variants; returns logits (V, N, classes) and records.
+
+        ``variants`` restricts the pass to those variants, whole runs of a normalization
+        layer (``running_stat_variants``): a measurement that needs only BN's layers then
+        skips the others' work. Their logits and records come in that order."""
+        weights, biases, mask = self.weights, self.biases, self.bias_mask
+        out_weight, out_bias = self.out_weight, self.out_bias
+        if variants is not None:
+            pick = torch.tensor(variants, device=x.device)
+            weights, biases = [W[pick] for W in weights], [b[pick] for b in biases]
+            mask, out_weight, out_bias = mask[pick], out_weight[pick], out_bias[pick]
+        V = out_weight.shape[0]
         h = x.unsqueeze(0).expand(V, -1, -1)
         records: list[LayerRecord] = []
         for i, (name, W, b, norm) in enumerate(
-            zip(self.layer_names, self.weights, self.biases, self.norms, strict=True)
+            zip(self.layer_names, weights, biases, self.norms, strict=True)
         ):
             if self.residual != "none" and i > 0:
                 # A residual block, h + f(h), with f(h) = act(W h + b). The first layer maps
@@ -300,29 +329,29 @@ class LockstepMLP(nn.Module):
                 if self.residual == "pre":
                     # Normalize the branch's input: h + act(W N(h) + b)
                     bn_input = h
-                    preact = torch.baddbmm(b * self.bias_mask, norm(h), W)
+                    preact = torch.baddbmm(b * mask, norm(h, variants), W)
                     post = self.activation(preact)
                     h = h + post
                 else:
                     # Normalize after the addition: N(h + act(W h + b))
-                    preact = torch.baddbmm(b * self.bias_mask, h, W)
+                    preact = torch.baddbmm(b * mask, h, W)
                     post = self.activation(preact)
                     bn_input = h + post
-                    h = norm(bn_input)
+                    h = norm(bn_input, variants)
             else:
-                z = torch.baddbmm(b * self.bias_mask, h, W)
+                z = torch.baddbmm(b * mask, h, W)
                 if self.placement == "before":
-                    preact = norm(z)
+                    preact = norm(z, variants)
                     h = post = self.activation(preact)
                     bn_input = z
                 else:
                     preact = z
                     post = self.activation(z)
-                    h = norm(post)
+                    h = norm(post, variants)
                     bn_input = post
             if record:
                 records.append(LayerRecord(name, preact, post, bn_input, h))
-        return torch.baddbmm(self.out_bias, h, self.out_weight), records
+        return torch.baddbmm(out_bias, h, out_weight), records
 
     @torch.no_grad()
     def layer_stacks(self) -> list[LayerStack]:
@@ -344,6 +373,11 @@ class LockstepMLP(nn.Module):
     def variant_rows(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """``layer_weights``-shaped tensors (or their gradients) as one row per variant."""
         return tensors[0].flatten(1)
+
+    def running_stat_variants(self) -> list[int]:
+        """The variants whose layers keep running statistics (BatchNorm's): whole runs, as
+        every layer groups the variants alike."""
+        return self.norms[0].running_stat_variants()
 
     def bn_running_stats(self, variant: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         return [norm.stats(variant) for norm in self.norms]
@@ -513,8 +547,10 @@ class LockstepLeNet(nn.Module):
         self.nets = nn.ModuleList(nets)
         self.layer_names = nets[0].layer_names
 
-    def forward(self, x: torch.Tensor, record: bool = False):
-        outs, recs = zip(*(net(x, record) for net in self.nets), strict=True)
+    def forward(self, x: torch.Tensor, record: bool = False, variants: list[int] | None = None):
+        """Logits (V, N, classes) and records of every variant's net, or of ``variants``'."""
+        nets = self.nets if variants is None else [self.nets[v] for v in variants]
+        outs, recs = zip(*(net(x, record) for net in nets), strict=True)
         records = []
         if record:
             for k, name in enumerate(self.layer_names):
@@ -559,6 +595,14 @@ class LockstepLeNet(nn.Module):
     def variant_rows(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """``layer_weights``-shaped tensors (or their gradients) as one row per variant."""
         return torch.stack([t.flatten() for t in tensors])
+
+    def running_stat_variants(self) -> list[int]:
+        """The variants whose nets keep running statistics (BatchNorm's)."""
+        return [
+            v
+            for v, net in enumerate(self.nets)
+            if any(getattr(n, "running_mean", None) is not None for n in net.norms)
+        ]
 
     def bn_running_stats(self, variant: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         return [
@@ -647,6 +691,5 @@ def variant_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     Variants never share a parameter, so the gradient of the sum is each variant's own.
     """
     V, N, K = logits.shape
-    return (
-        F.cross_entropy(logits.reshape(V * N, K), y.repeat(V), reduction="none").view(V, N).mean(1)
-    )
+    targets = y.expand(V, N).reshape(V * N)  # cheaper than y.repeat(V) for the same values
+    return F.cross_entropy(logits.reshape(V * N, K), targets, reduction="none").view(V, N).mean(1)

@@ -45,20 +45,19 @@ PER_EXAMPLE_NORMS = ("layernorm", "groupnorm", "rmsnorm")
 def _set_mean(t: torch.Tensor, dims: tuple[int, ...], merge: torch.Tensor | None) -> torch.Tensor:
     """Each example's mean of ``t`` over its set of values, shaped to broadcast against t.
 
-    Without ``merge`` an example's set is its values along ``dims``. With ``merge`` the
-    values along the trailing ``dims`` are one subgroup, the dim before them indexes an
-    example's G subgroups, and a set may join several subgroups:
-    merge[..., g', g] = 1/m when subgroups g' and g lie in one set of m values, else 0, so
+    Without ``merge`` an example's set is its values along ``dims``. With ``merge`` t is a
+    lockstep (V, N, G, S) stack: each example's values in G subgroups of S, and a set may
+    join several subgroups: merge[v, g', g] = 1/m when subgroups g' and g lie in one of
+    variant v's sets, of m values, else 0, so that
 
-        mean seen from subgroup g = sum_g' (sum of subgroup g') * merge[g', g]
+        mean seen from subgroup g = sum_g' (sum of subgroup g') * merge[v, g', g]
 
-    one small matrix product that serves LayerNorm (every subgroup in one set) and
-    GroupNorm (each subgroup its own set) variants of a lockstep stack at once.
+    one small batched matrix product that serves LayerNorm (every subgroup in one set) and
+    GroupNorm (each subgroup its own set) variants of a stack at once.
     """
     if merge is None:
         return t.mean(dims, keepdim=True)
-    sums = t.sum(dims)  # (..., G)
-    return torch.matmul(sums, merge).view(*sums.shape, *(1 for _ in dims))
+    return torch.bmm(t.sum(3), merge).unsqueeze(3)  # (V, N, G) sums by (V, G, G)
 
 
 class ExampleNormFunction(torch.autograd.Function):

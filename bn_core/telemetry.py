@@ -295,7 +295,8 @@ class Telemetry:
             with preserved_state(self.model, []):
                 for m in self.bn_layers:
                     m.momentum = 1.0  # running = (1 - 1) * running + 1 * batch
-                self.model(self.x_stats)
+                # Only the variants with running statistics: the others' work would be lost.
+                self.model(self.x_stats, variants=self.model.running_stat_variants())
                 batch = gather()
         finally:
             for m, momentum in zip(self.bn_layers, momenta, strict=True):

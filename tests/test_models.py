@@ -544,3 +544,63 @@ def test_residual_blocks_match_a_torch_nn_residual_net(float64, digits, residual
 def test_residual_needs_the_mlp():
     with pytest.raises(ConfigError, match="residual = 'pre'"):
         RunConfig(model="lenet", residual="pre")
+
+
+# --- a pass over some of the variants -----------------------------------------------------
+SUBSET_LAYOUTS = {
+    **LAYOUTS,
+    "noisy": ["plain", "batchnorm-noisy", "layernorm", "batchnorm"],
+}
+
+
+def buffers_of(model: nn.Module) -> list[torch.Tensor]:
+    return [b.clone() for b in model.buffers()]
+
+
+@pytest.mark.parametrize("layout", sorted(SUBSET_LAYOUTS))
+@pytest.mark.parametrize("residual", ["none", "post"])
+def test_a_pass_over_the_running_stat_variants_is_theirs_in_the_full_pass(
+    float64, digits, layout, residual
+):
+    # The running-statistics pass of an evaluation runs only BN's variants: their logits,
+    # records and running averages must be exactly those of a pass over every variant.
+    cfg = mlp_config(variants=SUBSET_LAYOUTS[layout], residual=residual, bn_momentum=0.3)
+    model = LockstepMLP(cfg, 64, 10)
+    picked = model.running_stat_variants()
+    names = [v.name for v in cfg.variants]
+    assert picked == [i for i, v in enumerate(cfg.variants) if v.norm.startswith("batchnorm")]
+    x, _ = batches(digits, 1, 24)[0]
+    full_model = copy.deepcopy(model)
+    with torch.no_grad():
+        logits, records = full_model(x, record=True)
+        sub_logits, sub_records = model(x, record=True, variants=picked)
+    assert_close(sub_logits, logits[picked], rtol=0, atol=0)
+    for sub, full in zip(sub_records, records, strict=True):
+        assert_close(sub.preact, full.preact[picked], rtol=0, atol=0)
+    for v in picked:
+        ours, ref = model.bn_running_stats(v), full_model.bn_running_stats(v)
+        assert_close(ours, ref, rtol=0, atol=0, msg=names[v])
+
+
+def test_a_pass_over_part_of_a_run_is_refused(digits):
+    model = LockstepMLP(mlp_config(variants=LAYOUTS["sweep"]), 64, 10)
+    x, _ = batches(digits, 1, 8, dtype=torch.float32)[0]
+    with pytest.raises(ValueError, match=r"variants \[4, 5\] are not whole runs"):
+        model(x, variants=[4, 5])
+
+
+def test_lenet_pass_over_the_running_stat_variants(digits):
+    cfg = RunConfig(
+        model="lenet", dataset="digits", variants=["plain", "batchnorm", "groupnorm"], groups=2
+    )
+    model = LockstepLeNet(cfg, 8, 10).train()
+    assert model.running_stat_variants() == [1]
+    x, _ = batches(digits, 1, 16, dtype=torch.float32)[0]
+    full_model = copy.deepcopy(model)
+    with torch.no_grad():
+        logits, _ = full_model(x)
+        sub_logits, _ = model(x, variants=[1])
+    assert_close(sub_logits[0], logits[1], rtol=0, atol=0)
+    ours, ref = model.bn_running_stats(1), full_model.bn_running_stats(1)
+    for a, b in zip(ours, ref, strict=True):
+        assert_close(a, b, rtol=0, atol=0)
