@@ -15,9 +15,11 @@ import torch
 __all__ = [
     "BAND_PERCENTILES",
     "FIG1_PERCENTILES",
+    "percentiles_of_histogram",
     "postact_range",
     "quantiles_of_sorted",
     "row_histogram",
+    "row_histogram_and_percentiles",
     "row_percentiles",
     "row_std",
     "saturation_fraction",
@@ -82,28 +84,46 @@ def row_percentiles(rows: torch.Tensor, percentiles: tuple[float, ...]) -> torch
     the bin's values as if they were spread evenly, so the result is within one bin
     width, (max - min) / PERCENTILE_BINS, of the exact percentile; 0 and 100 stay exact.
     """
-    R, n = rows.shape
+    n = rows.shape[1]
     if n <= EXACT_PERCENTILE_VALUES:
         return quantiles_of_sorted(sort_rows(rows), percentiles)
-    bins = PERCENTILE_BINS
     low, high = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)
-    width = (high - low).clamp_min(torch.finfo(rows.dtype).tiny) / bins
-    counts = _bin_counts((rows - low).div_(width), bins)
+    width = (high - low).clamp_min(torch.finfo(rows.dtype).tiny) / PERCENTILE_BINS
+    counts = _bin_counts((rows - low).div_(width), PERCENTILE_BINS)
+    return percentiles_of_histogram(counts, low, width, percentiles, low, high)
+
+
+def percentiles_of_histogram(
+    counts: torch.Tensor,
+    start: torch.Tensor | float,
+    width: torch.Tensor | float,
+    percentiles: tuple[float, ...],
+    row_min: torch.Tensor,
+    row_max: torch.Tensor,
+) -> torch.Tensor:
+    """(rows, len(percentiles)) read off (rows, bins) counts of bins ``width`` wide from
+    ``start``, every value inside them: each rank's value is placed in the bin that holds
+    it, at its position among the bin's values as if they were spread evenly, so it is
+    within one bin width of numpy.percentile's. ``row_min`` and ``row_max`` (rows, 1) are
+    the rows' exact extremes, percentiles 0 and 100.
+    """
+    R, bins = counts.shape
+    n = int(counts[0].sum())
     upto = counts.cumsum(1)  # values in bins 0..b
-    lo, hi, frac = _ranks(n, tuple(percentiles), rows.dtype, rows.device)
+    lo, hi, frac = _ranks(n, tuple(percentiles), row_min.dtype, row_min.device)
     # The value of 0-based rank k lies in the first bin b holding more than k values up to
     # and including it; among that bin's values it is number k - (values before b).
     k = torch.cat([lo, hi]).expand(R, -1).contiguous()
     b = torch.searchsorted(upto, k, right=True).clamp_(max=bins - 1)
     in_bin = counts.gather(1, b)
-    position = (k - (upto.gather(1, b) - in_bin)).to(rows.dtype).add_(0.5) / in_bin.clamp_min(1)
-    value = low + width * (b + position)
+    position = (k - (upto.gather(1, b) - in_bin)).to(row_min.dtype).add_(0.5)
+    value = start + width * (b + position / in_bin.clamp_min(1))
     estimate = torch.lerp(value[:, : len(lo)], value[:, len(lo) :], frac)
     # Nothing lies outside the row's extremes, and those are known exactly.
-    estimate = torch.minimum(torch.maximum(estimate, low), high)
+    estimate = torch.minimum(torch.maximum(estimate, row_min), row_max)
     for i, p in enumerate(percentiles):
         if p in (0, 100):
-            estimate[:, i] = (low if p == 0 else high)[:, 0]
+            estimate[:, i] = (row_min if p == 0 else row_max)[:, 0]
     return estimate
 
 
@@ -138,6 +158,36 @@ def row_histogram(
     inner[:, 0] += below
     inner[:, -1] += above
     return inner, outside
+
+
+def row_histogram_and_percentiles(
+    rows: torch.Tensor, low: float, high: float, bins: int, percentiles: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(counts, outside, percentiles): ``row_histogram(rows, low, high, bins)`` and
+    ``row_percentiles(rows, percentiles)``, binning long rows once.
+
+    Long rows are binned into fine bins, a power of two of them per display bin and at
+    least PERCENTILE_BINS in all; the display counts are their sums. For a row with every
+    value inside [low, high), the percentiles are read off the same fine counts, within one
+    fine bin, (high - low) / (fine bins), of numpy.percentile's: that spares a second
+    binning pass (0.69 ms for both passes against 0.46 for the default run's block of six
+    rows of 30,000). A row with values outside, and rows short enough to sort, get
+    ``row_percentiles``'.
+    """
+    n = rows.shape[1]
+    if n <= EXACT_PERCENTILE_VALUES:
+        counts, outside = row_histogram(rows, low, high, bins)
+        return counts, outside, row_percentiles(rows, percentiles)
+    per_bin = 2 ** math.ceil(math.log2(max(1.0, PERCENTILE_BINS / bins)))
+    fine, outside = row_histogram(rows, low, high, bins * per_bin)
+    counts = fine.view(-1, bins, per_bin).sum(2)
+    width = (high - low) / (bins * per_bin)
+    extremes = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)
+    estimate = percentiles_of_histogram(fine, low, width, percentiles, *extremes)
+    spill = (outside > 0).nonzero()[:, 0]  # rows with values outside: theirs are redone
+    if spill.numel():
+        estimate[spill] = row_percentiles(rows[spill], percentiles)
+    return counts, outside, estimate
 
 
 def row_std(rows: torch.Tensor) -> torch.Tensor:

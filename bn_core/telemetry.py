@@ -25,6 +25,7 @@ from bn_core.probes import (
     FIG1_PERCENTILES,
     postact_range,
     row_histogram,
+    row_histogram_and_percentiles,
     row_percentiles,
     row_std,
     saturation_fraction,
@@ -206,7 +207,10 @@ class Telemetry:
             pre = preact.flatten(1)
             # One unit (one channel of a conv layer), as Fig. 1 follows one sigmoid.
             unit = preact[:, :, cfg.probe_unit].flatten(1)
-            pre_hist, clipped = row_histogram(pre, -h, h, bins)
+            pooled = FIG1_PERCENTILES + BAND_PERCENTILES
+            pre_hist, clipped, pre_percentiles = row_histogram_and_percentiles(
+                pre, -h, h, bins, pooled
+            )
             histograms = None
             if keep_histograms:
                 post_hist, _ = row_histogram(post.flatten(1), lo, hi, bins)
@@ -214,7 +218,7 @@ class Telemetry:
             saturated = saturation_fraction(post, cfg.activation, cfg.saturation_threshold)
             columns = torch.cat(
                 [
-                    row_percentiles(pre, FIG1_PERCENTILES + BAND_PERCENTILES),
+                    pre_percentiles,
                     row_percentiles(unit, FIG1_PERCENTILES),
                     pre.mean(1, keepdim=True),
                     row_std(pre).unsqueeze(1),

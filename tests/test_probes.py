@@ -18,6 +18,7 @@ from bn_core.probes import (
     postact_range,
     quantiles_of_sorted,
     row_histogram,
+    row_histogram_and_percentiles,
     row_percentiles,
     row_std,
     saturation_fraction,
@@ -186,3 +187,39 @@ def test_row_histogram_equals_numpy_with_outside_values_folded_in():
         assert counts[r].sum() == rows.shape[1]
         out = np.sum((rows[r] < -3) | (rows[r] >= 3) | np.isnan(rows[r])) / rows.shape[1]
         assert outside[r].item() == pytest.approx(out)
+
+
+@pytest.mark.parametrize("bins", [60, 7, 200])
+def test_one_binning_gives_the_histogram_and_percentiles_of_two(bins):
+    # A block like a logged step's: rows inside the display range get their percentiles
+    # from the fine histogram (within one fine bin of numpy, extremes exact); a row with a
+    # value outside gets row_percentiles' own; the counts and shares outside are
+    # row_histogram's.
+    rng = np.random.default_rng(bins)
+    n = 30_000
+    rows = rng.normal(size=(4, n)) * np.array([[0.5], [1.5], [2.0], [1.0]])
+    rows[3, :40] = 9.5  # outside [-8, 8): this row takes the other path
+    rows = rows.astype(np.float32)
+    t = torch.from_numpy(rows)
+    counts, outside, got = row_histogram_and_percentiles(t, -8.0, 8.0, bins, ALL_PERCENTILES)
+    want_counts, want_outside = row_histogram(t, -8.0, 8.0, bins)
+    # Summed fine bins against direct coarse ones: equal up to rounding at a bin edge.
+    assert (counts - want_counts).abs().sum() <= 2
+    assert torch.equal(counts.sum(1), torch.full((4,), n))
+    assert torch.equal(outside, want_outside)
+    fine_bins = bins * 2 ** math.ceil(math.log2(max(1.0, PERCENTILE_BINS / bins)))
+    assert fine_bins >= PERCENTILE_BINS
+    want = np.percentile(rows.astype(np.float64), ALL_PERCENTILES, axis=1).T
+    inside = got[:3].numpy()
+    assert np.all(np.abs(inside - want[:3]) <= 16.0 / fine_bins * 1.0001 + 1e-6)
+    ends = [ALL_PERCENTILES.index(0.0), ALL_PERCENTILES.index(100.0)]
+    np.testing.assert_array_equal(inside[:, ends], np.stack([rows[:3].min(1), rows[:3].max(1)], 1))
+    assert torch.equal(got[3], row_percentiles(t[3:], ALL_PERCENTILES)[0])
+
+
+def test_short_rows_get_exact_percentiles_with_their_histogram():
+    rows = torch.from_numpy(np.random.default_rng(4).normal(size=(3, 300)).astype(np.float32))
+    counts, outside, got = row_histogram_and_percentiles(rows, -3.0, 3.0, 60, ALL_PERCENTILES)
+    want_counts, want_outside = row_histogram(rows, -3.0, 3.0, 60)
+    assert torch.equal(counts, want_counts) and torch.equal(outside, want_outside)
+    assert torch.equal(got, row_percentiles(rows, ALL_PERCENTILES))
