@@ -57,7 +57,8 @@ def _set_mean(t: torch.Tensor, dims: tuple[int, ...], merge: torch.Tensor | None
     """
     if merge is None:
         return t.mean(dims, keepdim=True)
-    return torch.bmm(t.sum(3), merge).unsqueeze(3)  # (V, N, G) sums by (V, G, G)
+    sums = t.sum(3)  # (V, N, G)
+    return torch.bmm(sums, merge.to(sums.dtype)).unsqueeze(3)
 
 
 class ExampleNormFunction(torch.autograd.Function):

@@ -573,3 +573,19 @@ def test_rms_norm_default_eps_is_float32s_for_half_inputs(dtype):
     ours, ref = RMSNorm(4, dtype=dtype)(x), nn.RMSNorm(4, dtype=dtype)(x)
     assert_close(ours, ref)
     assert_close(ours.float(), torch.full((2, 4), 1.0), rtol=0, atol=0.06)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_stack_takes_inputs_of_another_dtype_as_the_layers_do(dtype):
+    # A float32 stack on float64 input computes in float64, and on float16 input in float32
+    # rounded back, as LayerNorm and GroupNorm do.
+    gen = torch.Generator().manual_seed(11)
+    kinds = ["layernorm", "groupnorm", "rmsnorm"]
+    stack = ExampleNormStack(kinds, 8, 4)
+    h = make_x((3, 5, 8), gen).to(dtype)
+    out = stack(h)
+    assert out.dtype == dtype
+    singles = [LayerNorm(8), GroupNorm(4, 8), RMSNorm(8, eps=1e-5)]
+    for v, single in enumerate(singles):
+        tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {}
+        assert_close(out[v], single(h[v]), **tol)
