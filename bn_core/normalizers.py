@@ -421,8 +421,8 @@ class ExampleNormStack(_ExampleNorm):
     subgroups into one set and keep a GroupNorm variant's apart; RMSNorm's sets are not
     centered. One ExampleNormFunction call thus gives every variant the numbers of its own
     layer, where separate layers would cost a call, a slice and a concatenation each (for
-    LayerNorm, GroupNorm and RMSNorm side by side on digits, 215 us per hidden layer's
-    forward and backward against 416 us).
+    LayerNorm, GroupNorm and RMSNorm over 60 examples of 100 features, one thread: 266 us
+    for a forward and backward against 496 us).
 
     weight and bias hold the variants' gamma and beta side by side, (V * C,), variant v's
     feature c being v * C + c. RMSNorm has no beta: its slice of bias is multiplied by 0,
