@@ -52,14 +52,15 @@ def live_settings() -> None:
     st.subheader("Live settings")
     st.caption("These act from the next step, without a reset.")
     st.select_slider(
-        "Learning rate",
+        FIELDS["lr"].label,
         options=session.lr_choices(ss.w_lr),
         key="w_lr",
         persist_state="session",
         format_func=lambda v: f"{v:g}",
         on_change=session.on_live,
         args=(player, "lr"),
-        help=FIELDS["lr"].help + " (log scale, 1e-4 to 10)",
+        help=f"{FIELDS['lr'].help} (log scale, {session.LR_CHOICES[0]:g} to "
+        f"{session.LR_CHOICES[-1]:g})",
     )
     st.button(
         f"×{session.JUMP_FACTOR} now",
@@ -73,9 +74,8 @@ def live_settings() -> None:
     )
     st.caption(JUMP_NOTE)
     st.slider(
-        "SGD momentum",
-        0.0,
-        0.99,
+        FIELDS["momentum"].label,
+        *FIELDS["momentum"].widget_bounds(),
         step=0.01,
         key="w_momentum",
         persist_state="session",
@@ -84,7 +84,7 @@ def live_settings() -> None:
         help="0 is plain SGD; 0.9 is the usual heavy-ball setting",
     )
     st.select_slider(
-        "BN running-stat momentum",
+        FIELDS["bn_momentum"].label,
         options=session.bn_momentum_choices(ss.w_bn_momentum),
         key="w_bn_momentum",
         persist_state="session",
