@@ -119,9 +119,10 @@ CHARTS: dict[str, ChartInfo] = {
         ChartInfo(
             "loss_accuracy",
             "Training loss and test accuracy",
-            "Both nets see the same batches in the same order. Compare how fast the loss "
-            "falls and the accuracy rises, and what each net does after a learning-rate "
-            "change (dotted line).",
+            "Both nets see the same batches in the same order, and test accuracy is "
+            "measured in eval mode, where BN uses its running averages. Compare how fast "
+            "the loss falls and the accuracy rises, and what each net does after a "
+            "learning-rate change (dotted line).",
         ),
         ChartInfo(
             "preact_heatmaps",
@@ -751,7 +752,7 @@ def loss_accuracy(history: History, *, theme: str = "screen") -> go.Figure:
         steps, accuracy = history.series(variant, "", "test_accuracy")
         canvas.add(
             acc_panel,
-            _line(steps, accuracy, variant, color, mode="lines+markers", hover="accuracy "),
+            _line(steps, accuracy, variant, color, mode="lines+markers", hover="test accuracy "),
         )
     canvas.axis(
         loss_panel,
@@ -759,10 +760,11 @@ def loss_accuracy(history: History, *, theme: str = "screen") -> go.Figure:
         y_title="mean loss since last point (log)",
         y=_log_axis(losses),
     )
+    # No y title here: between the panels it would lie over the loss curves. The column
+    # title and the percent ticks say what this axis is, and the caption says eval mode.
     canvas.axis(
         acc_panel,
         x_title=STEP_AXIS,
-        y_title="test accuracy (eval mode)",
         x={"matches": loss_panel.x},  # one step range for both panels
         y={"tickformat": ".0%", "range": [0, 1.02]},
     )

@@ -38,6 +38,16 @@ CHART_COLOURS_JS = f"""() => {{ {LIGHTNESS_JS}
             .map(l => getComputedStyle(l).stroke),
     }}));
 }}"""
+# Axis titles that lie over a panel's plot area (its own or a neighbour's): per chart.
+AXIS_TITLES_OVER_PLOTS_JS = f"""() => {PLOTS_JS}.flatMap(p => {{
+    const areas = Array.from(p.querySelectorAll('.nsewdrag'))
+        .map(r => r.getBoundingClientRect());
+    return Array.from(p.querySelectorAll('text[class*="title"]')).filter(t => {{
+        const r = t.getBoundingClientRect();
+        return !t.classList.contains('gtitle') && r.width > 0 && areas.some(a =>
+            r.left < a.right && a.left < r.right && r.top < a.bottom && a.top < r.bottom);
+    }}).map(t => t.textContent);
+}})"""
 DRAWN_JS = f"""(n) => {PLOTS_JS}.length >= n
     && {PLOTS_JS}.every(p => p.querySelector('.main-svg .cartesianlayer'))"""
 OKABE_ORANGE, OKABE_BLUE = "rgb(230, 159, 0)", "rgb(0, 114, 178)"  # plain, batchnorm
@@ -111,6 +121,18 @@ def test_phone_toolbars_clear_of_titles_and_no_sideways_scroll(server, browser, 
         )
         assert widths[0] <= widths[1] and widths[2] <= widths[3], widths
         page.screenshot(path=artifacts_dir / "look_live_phone.png")
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize(("width", "height"), [(1280, 720), (390, 844)])
+def test_axis_titles_stay_off_the_plots(server, browser, width, height):
+    # Between two panels, an axis title can lie over the curves of its neighbour; at a
+    # projector's width with the sidebar open, and on a phone, none may.
+    context, page = new_page(browser, viewport={"width": width, "height": height})
+    try:
+        open_live(page, server)
+        assert page.evaluate(AXIS_TITLES_OVER_PLOTS_JS) == []
     finally:
         context.close()
 
