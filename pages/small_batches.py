@@ -24,13 +24,12 @@ from bn_core.experiments.small_batch import (
 from bn_core.telemetry import STATS_EXAMPLES
 from ui import load
 from ui.charts import show_chart
-from ui.claims_panel import show_claims
+from ui.claims_panel import show_checked, show_claims
 from ui.export_panel import page_export_panel
 
 PAGE = "small-batches"
 TICK_SECONDS = 0.5
 TRAIN_SECONDS = 0.4
-MARK = {True: ":green[**✓**]", False: ":red[**✗**]", None: ":gray[**…**]"}
 
 _LOG = logging.getLogger(__name__)
 ss = st.session_state
@@ -114,21 +113,9 @@ if ss.get("sb_message"):
 
 
 def show_checks(checks: list[StudyCheck]) -> None:
-    """The study's checked sentences, laid out as the preset claims' panel lays out claims."""
-    held = sum(c.holds is True for c in checks)
-    failed = sum(c.holds is False for c in checks)
-    with st.container(border=True):
-        st.markdown(
-            f"**What this study shows across batch sizes** · {held} of {len(checks)} hold"
-            + (f", {failed} contradicted by this study" if failed else "")
-        )
-        for c in checks:
-            note = f"; {c.reason}" if c.reason else ""
-            st.markdown(
-                f"{MARK[c.holds]} {c.sentence}  \n"
-                f":gray[measured: {c.measured_text() or 'not measured yet'} · holds when "
-                f"{c.threshold}{note}]"
-            )
+    """The study's checked sentences, in the panel the preset claims use."""
+    rows = [(c.holds, c.sentence, c.measured_text(), c.threshold, c.reason) for c in checks]
+    show_checked("What this study shows across batch sizes", "study", rows)
 
 
 def results_table(result: StudyResult) -> pd.DataFrame:

@@ -18,17 +18,26 @@ def show_claims(
     if not book:
         return
     results = book.results(history, final=finished)
-    held = sum(r.holds is True for r in results)
-    failed = sum(r.holds is False for r in results)
+    rows = [(r.holds, r.sentence, r.measured_text(), r.claim.threshold, r.reason) for r in results]
+    show_checked(title, "run", rows)
+
+
+def show_checked(
+    title: str, subject: str, rows: list[tuple[bool | None, str, str, str, str]]
+) -> None:
+    """Checked sentences in one bordered panel under a tally, each with a tick, a cross or
+    "…" (not settled yet). A row is (holds, sentence, measured, threshold, reason);
+    ``subject`` names what contradicts them ("run", "study")."""
+    held = sum(holds is True for holds, *_ in rows)
+    failed = sum(holds is False for holds, *_ in rows)
     with st.container(border=True):
         st.markdown(
-            f"**{title}** · {held} of {len(results)} hold"
-            + (f", {failed} contradicted by this run" if failed else "")
+            f"**{title}** · {held} of {len(rows)} hold"
+            + (f", {failed} contradicted by this {subject}" if failed else "")
         )
-        for r in results:
-            detail = r.measured_text() or "not measured yet"
-            note = f"; {r.reason}" if r.reason else ""
+        for holds, sentence, measured, threshold, reason in rows:
+            note = f"; {reason}" if reason else ""
             st.markdown(
-                f"{_MARK[r.holds]} {r.sentence}  \n"
-                f":gray[measured: {detail} · holds when {r.claim.threshold}{note}]"
+                f"{_MARK[holds]} {sentence}  \n"
+                f":gray[measured: {measured or 'not measured yet'} · holds when {threshold}{note}]"
             )
