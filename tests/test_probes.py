@@ -191,30 +191,35 @@ def test_row_histogram_equals_numpy_with_outside_values_folded_in():
 
 @pytest.mark.parametrize("bins", [60, 7, 200])
 def test_one_binning_gives_the_histogram_and_percentiles_of_two(bins):
-    # A block like a logged step's: rows inside the display range get their percentiles
-    # from the fine histogram (within one fine bin of numpy, extremes exact); a row with a
-    # value outside gets row_percentiles' own; the counts and shares outside are
-    # row_histogram's.
+    # A block like a logged step's. Rows whose percentile ranks all fall inside the display
+    # range get their percentiles from the fine histogram (within one fine bin of numpy,
+    # extremes exact), a few values outside included; a row with so many values outside
+    # that a rank falls there gets row_percentiles' own. The counts and the shares outside
+    # are row_histogram's.
     rng = np.random.default_rng(bins)
     n = 30_000
-    rows = rng.normal(size=(4, n)) * np.array([[0.5], [1.5], [2.0], [1.0]])
-    rows[3, :40] = 9.5  # outside [-8, 8): this row takes the other path
+    rows = rng.normal(size=(6, n)) * np.array([[0.5], [1.5], [2.0], [1.0], [1.0], [1.0]])
+    rows[3, :40] = 9.5  # 40 values above: every rank still lies inside
+    rows[4, :200] = -np.inf  # 200 below: so does the 0.67th percentile's
+    rows[5, : n // 10] = -9.0  # 10 % below: the 6.68th percentile's rank lies there
     rows = rows.astype(np.float32)
     t = torch.from_numpy(rows)
     counts, outside, got = row_histogram_and_percentiles(t, -8.0, 8.0, bins, ALL_PERCENTILES)
     want_counts, want_outside = row_histogram(t, -8.0, 8.0, bins)
     # Summed fine bins against direct coarse ones: equal up to rounding at a bin edge.
     assert (counts - want_counts).abs().sum() <= 2
-    assert torch.equal(counts.sum(1), torch.full((4,), n))
+    assert torch.equal(counts.sum(1), torch.full((6,), n))
     assert torch.equal(outside, want_outside)
     fine_bins = bins * 2 ** math.ceil(math.log2(max(1.0, PERCENTILE_BINS / bins)))
     assert fine_bins >= PERCENTILE_BINS
-    want = np.percentile(rows.astype(np.float64), ALL_PERCENTILES, axis=1).T
-    inside = got[:3].numpy()
-    assert np.all(np.abs(inside - want[:3]) <= 16.0 / fine_bins * 1.0001 + 1e-6)
+    with np.errstate(invalid="ignore"):  # row 4's -inf makes numpy's 0th percentile NaN
+        want = np.percentile(rows.astype(np.float64), ALL_PERCENTILES, axis=1).T
     ends = [ALL_PERCENTILES.index(0.0), ALL_PERCENTILES.index(100.0)]
-    np.testing.assert_array_equal(inside[:, ends], np.stack([rows[:3].min(1), rows[:3].max(1)], 1))
-    assert torch.equal(got[3], row_percentiles(t[3:], ALL_PERCENTILES)[0])
+    middle = [i for i in range(len(ALL_PERCENTILES)) if i not in ends]
+    from_counts = got[:5].numpy()
+    assert np.all(np.abs(from_counts[:, middle] - want[:5, middle]) <= 16.0 / fine_bins * 1.0001)
+    np.testing.assert_array_equal(from_counts[:, ends], np.stack([rows.min(1), rows.max(1)], 1)[:5])
+    assert torch.equal(got[5], row_percentiles(t[5:], ALL_PERCENTILES)[0])
 
 
 def test_short_rows_get_exact_percentiles_with_their_histogram():
