@@ -10,6 +10,9 @@ from bn_core.experiments.blowup import BlowupResult, blowup_summary, network_blo
 from ui.charts import show_chart
 from ui.claims_panel import show_claims
 from ui.export_panel import page_export_panel
+from ui.routing import through_app
+
+through_app()  # a first request for this page's URL, on a fresh server
 
 PAGE = "blowup"
 # Log-spaced 1-2-5 grid: the slope is proportional to lr, so ratios are what matter.

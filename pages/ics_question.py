@@ -12,7 +12,10 @@ from ui.charts import show_chart
 from ui.claims_panel import show_claims
 from ui.export_panel import page_export_panel
 from ui.player import Player
+from ui.routing import through_app
 from ui.session import VARIANT_CHOICES, VARIANT_HELP
+
+through_app()  # a first request for this page's URL, on a fresh server
 
 PAGE = "ics"
 PRESET = "ics-smoothness"

@@ -23,6 +23,9 @@ from bn_core.experiments.inside import (
 )
 from ui.charts import show_chart
 from ui.export_panel import page_export_panel
+from ui.routing import through_app
+
+through_app()  # a first request for this page's URL, on a fresh server
 
 PAGE = "inside"
 SECTIONS = [

@@ -12,6 +12,9 @@ from ui.charts import show_chart
 from ui.claims_panel import show_claims
 from ui.export_panel import config_filename, export_panel
 from ui.player import Player
+from ui.routing import through_app
+
+through_app()  # a first request for this page's URL, on a fresh server
 
 # The browser asks for a tick every TICK_SECONDS (a request that comes while a tick runs
 # waits for it, then starts at once). A tick trains up to TRAIN_SECONDS and then draws,

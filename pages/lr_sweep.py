@@ -9,6 +9,9 @@ from bn_core.experiments.sweep import MAX_RATES, USABLE_WITHIN, LrSweep, lr_grid
 from ui.charts import show_chart
 from ui.export_panel import page_export_panel
 from ui.player import Player
+from ui.routing import through_app
+
+through_app()  # a first request for this page's URL, on a fresh server
 
 PAGE = "sweep"
 PRESET = "ioffe-fig1"

@@ -26,6 +26,9 @@ from ui import load
 from ui.charts import show_chart
 from ui.claims_panel import show_checked, show_claims
 from ui.export_panel import page_export_panel
+from ui.routing import through_app
+
+through_app()  # a first request for this page's URL, on a fresh server
 
 PAGE = "small-batches"
 TICK_SECONDS = 0.5

@@ -1,6 +1,6 @@
 """The "Small batches and inference" page in the real app: a Streamlit server and headless
-Chromium run a short study to the end and draw its chart; a screenshot goes to artifacts/.
-The server and browser fixtures come from tests/conftest.py."""
+Chromium open the page's own URL first, run a short study to the end and draw its chart; a
+screenshot goes to artifacts/. The server and browser fixtures come from tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -47,9 +47,16 @@ def progress_text(page) -> str:
 def test_small_batch_page_runs_a_short_study(server, browser, artifacts_dir):
     page = browser.new_context(viewport={"width": 1440, "height": 900}).new_page()
     page.set_default_timeout(WAIT_MS)
+    # The module's server is fresh and this is its first request, as with a bookmark or a
+    # shared link opened after a restart: the page must still run inside app.py (its
+    # title, sidebar and named navigation), not as a lone file of pages/ (ui/routing.py).
     page.goto(f"{server}/small_batches")
     page.get_by_role("heading", name=TITLE).wait_for(timeout=LOAD_MS)
     page.get_by_text("press Start study").wait_for()
+    assert page.title() == "BatchNorm Lab"
+    nav = page.get_by_test_id("stSidebarNav").inner_text()
+    assert "Small batches and inference" in nav and "Learning-rate sweep" in nav, nav
+    assert page.get_by_text("See internal covariate shift").is_visible()
 
     steps = page.get_by_role("spinbutton", name="Steps per batch size")
     steps.fill("100")
