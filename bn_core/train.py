@@ -75,12 +75,14 @@ class _LockstepOptimizer:
     """SGD with momentum (or Adam) where every variant has its own learning rate.
 
     Parameters are stacked over variants, so the learning rate is a tensor shaped like
-    each parameter, looked up from the variant each element belongs to.
+    each parameter, looked up from the variant each element belongs to, and 0 where the
+    model holds a parameter still (``update_mask``).
     """
 
     def __init__(self, model, kind: str, lrs: list[float], momentum: float) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.owner = [model.variant_index_of(p).to(p.device) for p in self.params]
+        self.held = [model.update_mask(p) for p in self.params]
         self.kind = kind
         self.momentum = momentum
         self.state = [torch.zeros_like(p) for p in self.params]
@@ -93,7 +95,10 @@ class _LockstepOptimizer:
         self.lrs = list(lrs)
         dev = self.params[0].device
         table = torch.tensor(lrs, dtype=self.params[0].dtype, device=dev)
-        self.lr_of = [table[o] for o in self.owner]
+        self.lr_of = [
+            table[o] if held is None else table[o] * held
+            for o, held in zip(self.owner, self.held, strict=True)
+        ]
 
     def zero_grad(self) -> None:
         for p in self.params:

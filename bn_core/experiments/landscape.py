@@ -111,8 +111,10 @@ def probe_landscape(
     g_norm = per_variant_sq_norm(grads, owners, V).sqrt()
     lr_of_variant = torch.zeros(V, dtype=torch.float64)
     for owner, lr in zip(owners, lrs, strict=True):
-        pairs = torch.broadcast_tensors(owner, lr)
-        lr_of_variant[pairs[0].reshape(-1).cpu()] = pairs[1].reshape(-1).double().cpu()
+        index, rate = (t.reshape(-1).cpu() for t in torch.broadcast_tensors(owner, lr))
+        # A variant's rate is that of its elements the optimizer moves: the largest, as a
+        # parameter the model holds still (a bias BN drops) has rate 0.
+        lr_of_variant.scatter_reduce_(0, index, rate.double(), "amax")
     losses, diffs = [], []
     with preserved_state(model, params):
         start = [p.detach().clone() for p in params]
