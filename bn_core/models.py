@@ -363,7 +363,8 @@ class LockstepMLP(nn.Module):
         for W, b in zip(self.weights, self.biases, strict=True):
             bias_grad = torch.zeros_like(b) if b.grad is None else b.grad
             grad = torch.zeros_like(W) if W.grad is None else W.grad
-            # A held bias's gradient is float rounding of sum_i dL/dx_i = 0 through BN: its 0.
+            # A held bias never moves, so its gradient reads 0: through BN's full gradient it
+            # is float rounding of sum_i dL/dx_i = 0, through the naive one a push never taken.
             held = self.bias_mask
             out.append(LayerStack(W, grad, (b * held)[:, 0], (bias_grad * held)[:, 0]))
         return out
@@ -403,7 +404,8 @@ class LockstepMLP(nn.Module):
         return _variant_index(self, param)
 
     def update_mask(self, param: torch.Tensor) -> torch.Tensor | None:
-        """0 where the optimizer must hold ``param`` still (a bias BN drops), else None."""
+        """A 0/1 tensor that broadcasts against ``param``, 0 where the optimizer must hold
+        it still (a bias BN drops); None when all of it moves."""
         if any(param is b for b in self.biases):
             return self.bias_mask
         return None
