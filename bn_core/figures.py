@@ -82,6 +82,12 @@ EVENT_LABELS = 3  # live changes labelled on a chart: the newest, one row each
 GUIDE_COLOR = "#999999"
 NO_DATA = "no data yet"
 STEP_AXIS = "training step"
+# Between panels side by side whose step axes carry labels, as a share of the plot width.
+# On a projector's 1280 px with the sidebar open a per-layer chart's three panels share
+# about 330 px; a "1000" at a panel's right edge runs 14 px past it and the next panel's
+# "0" 4 px before its own, so 0.035 (12 px) let them touch and read "10000". 0.08 (26 px)
+# keeps a space between them.
+SIDE_BY_SIDE_GAP = 0.08
 
 
 def variant_color(name: str, index: int) -> str:
@@ -841,7 +847,7 @@ def preact_heatmaps(
         shared_y=True,
         column_titles=variants,
         row_titles=layers,
-        horizontal_spacing=0.04,
+        horizontal_spacing=SIDE_BY_SIDE_GAP,
         vertical_spacing=_gap(28, len(layers)),
     )
     # Deep nets: shorter rows, so all layers fit on a screen or two.
@@ -958,6 +964,25 @@ def histogram_overlay(
     )
 
 
+def _panel_titles(canvas: _Canvas, panels: Sequence[_Panel], names: Sequence[str]) -> None:
+    """A name above each panel (make_subplots' subplot_titles, placed by hand so the cached
+    grid does not depend on the names)."""
+    for name, panel in zip(names, panels, strict=False):
+        canvas.layout["annotations"].append(
+            {
+                "name": "subplot_title",
+                "text": name,
+                "xref": panel.x + " domain",
+                "yref": panel.y + " domain",
+                "x": 0.5,
+                "y": 1,
+                "xanchor": "center",
+                "yanchor": "bottom",
+                "showarrow": False,
+            }
+        )
+
+
 def _per_layer(
     history: History,
     metric: str,
@@ -979,7 +1004,11 @@ def _per_layer(
     rows, cols = _layer_grid(len(layers))
     # Between rows: the x tick labels and title of the row above, and the layer names.
     canvas = _Canvas(
-        rows, cols, shared_y=True, horizontal_spacing=0.035, vertical_spacing=_gap(100, rows)
+        rows,
+        cols,
+        shared_y=True,
+        horizontal_spacing=SIDE_BY_SIDE_GAP,
+        vertical_spacing=_gap(100, rows),
     )
     panels = [canvas.panel(i // cols + 1, i % cols + 1) for i in range(len(layers))] or [
         canvas.panel(1, 1)
@@ -1009,22 +1038,7 @@ def _per_layer(
     for j, panel in enumerate(panels):
         first_column = j % cols == 0
         canvas.axis(panel, x_title=STEP_AXIS, y_title=y_title if first_column else None, y=y)
-    # Layer names as panel titles (make_subplots' subplot_titles, placed by hand so the
-    # cached grid does not depend on layer names).
-    for layer, panel in zip(layers, panels, strict=False):
-        canvas.layout["annotations"].append(
-            {
-                "name": "subplot_title",
-                "text": layer,
-                "xref": panel.x + " domain",
-                "yref": panel.y + " domain",
-                "x": 0.5,
-                "y": 1,
-                "xanchor": "center",
-                "yanchor": "bottom",
-                "showarrow": False,
-            }
-        )
+    _panel_titles(canvas, panels, layers)
     canvas.events(history, panels)
     return canvas, panels
 
@@ -1106,23 +1120,29 @@ def percentile_bands(
 ) -> go.Figure:
     """Ioffe & Szegedy Fig. 1(b)/(c): 15/50/85th percentiles of the sigmoid input.
 
-    One panel per variant, shared y. ``unit=True`` (the default) follows the one probed
-    unit, as the paper does; ``unit=False`` pools all units of the layer, with
-    TensorBoard's nested bands (min-max, ±1.5, ±1, ±0.5 sigma) lightly shaded.
+    One panel per variant, shared y, at most three side by side (five in a row left each
+    about 45 px on a projector with the sidebar open: step labels on end and axis titles
+    run together). ``unit=True`` (the default) follows the one probed unit, as the paper
+    does; ``unit=False`` pools all units of the layer, with TensorBoard's nested bands
+    (min-max, ±1.5, ±1, ±0.5 sigma) lightly shaded.
     """
     _check_theme(theme)
     variants = history.variants()
+    cols = min(max(len(variants), 1), 3)
+    rows = math.ceil(max(len(variants), 1) / cols)
     canvas = _Canvas(
-        1,
-        max(len(variants), 1),
+        rows,
+        cols,
         shared_y=True,
-        column_titles=variants,
-        horizontal_spacing=0.03,
+        horizontal_spacing=SIDE_BY_SIDE_GAP,
+        vertical_spacing=_gap(100, rows),
     )
+    panels = [canvas.panel(i // cols + 1, i % cols + 1) for i in range(len(variants))]
+    canvas.use(panels or [canvas.panel(1, 1)])
+    _panel_titles(canvas, panels, variants)
     prefix = "unit_p" if unit else "preact_p"
-    for i, variant in enumerate(variants):
+    for i, (variant, panel) in enumerate(zip(variants, panels, strict=True)):
         color = variant_color(variant, i)
-        panel = canvas.panel(1, i + 1)
         if not unit:
             for lo, hi in _BAND_PAIRS:
                 steps, low = history.series(variant, layer, f"preact_band_p{lo}")
@@ -1148,9 +1168,9 @@ def percentile_bands(
             )
             trace["meta"] = f"p{name}"
             canvas.add(panel, trace)
-        y_title = f"{_short_value_label('preact')} in {layer}" if i == 0 else None
+        y_title = f"{_short_value_label('preact')} in {layer}" if i % cols == 0 else None
         canvas.axis(panel, x_title=STEP_AXIS, y_title=y_title)
-    canvas.events(history)
+    canvas.events(history, panels)
     if unit:
         title = f"One unit's input in {layer} (Ioffe & Szegedy, Fig. 1b/c)"
         subtitle = "lines: 15th, 50th (bold) and 85th percentiles over the probe batch"

@@ -48,6 +48,17 @@ AXIS_TITLES_OVER_PLOTS_JS = f"""() => {PLOTS_JS}.flatMap(p => {{
             r.left < a.right && a.left < r.right && r.top < a.bottom && a.top < r.bottom);
     }}).map(t => t.textContent);
 }})"""
+# Step-axis tick labels that run into each other, or come closer than a space's width side
+# by side (those of neighbouring panels): per chart, the pairs.
+X_TICK_LABELS_TOUCHING_JS = f"""() => {PLOTS_JS}.flatMap(p => {{
+    const labels = Array.from(p.querySelectorAll('.xaxislayer-above text'))
+        .map(t => [t.textContent, t.getBoundingClientRect()])
+        .filter(([, r]) => r.width > 0);
+    const gap = 4;
+    return labels.flatMap(([a, r], i) => labels.slice(i + 1).filter(([, s]) =>
+        r.left < s.right + gap && s.left < r.right + gap
+        && r.top < s.bottom - 1 && s.top < r.bottom - 1).map(([b]) => `${{a}} / ${{b}}`));
+}})"""
 DRAWN_JS = f"""(n) => {PLOTS_JS}.length >= n
     && {PLOTS_JS}.every(p => p.querySelector('.main-svg .cartesianlayer'))"""
 OKABE_ORANGE, OKABE_BLUE = "rgb(230, 159, 0)", "rgb(0, 114, 178)"  # plain, batchnorm
@@ -133,6 +144,34 @@ def test_axis_titles_stay_off_the_plots(server, browser, width, height):
     try:
         open_live(page, server)
         assert page.evaluate(AXIS_TITLES_OVER_PLOTS_JS) == []
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("preset", ["ioffe-fig1", "normalizers"])
+def test_tick_labels_of_neighbouring_panels_stay_apart(server, browser, preset):
+    # Small multiples put one panel's last step label next to the next panel's first. A
+    # run of 1,050 steps ends its step axes just past 1000, the widest label at the right
+    # edge; at a projector's width with the sidebar open, in every view, with two variants
+    # and with five, no two labels may touch (a "1000" against the next panel's "0" reads
+    # "10000").
+    context, page = new_page(browser, viewport={"width": 1280, "height": 720})
+    try:
+        open_live(page, f"{server}/?preset={preset}&steps=1050")
+        page.get_by_role("button", name=PLAY).click()
+        page.get_by_text(re.compile(r"^step 1,050 · ")).wait_for(timeout=120_000)
+        view = page.get_by_role("radiogroup", name="View")
+        for name in (
+            "Fig. 1 percentiles",
+            "Distributions",
+            "Saturation",
+            "Gradient norms",
+            "Update ratio",
+        ):
+            view.get_by_role("radio", name=name).click()
+            page.wait_for_function(DRAWN_JS, arg=2)
+            page.wait_for_function("() => !document.querySelector('[data-stale=\"true\"]')")
+            assert page.evaluate(X_TICK_LABELS_TOUCHING_JS) == [], name
     finally:
         context.close()
 

@@ -30,6 +30,7 @@ from bn_core.experiments.small_batch import StudyResult
 from bn_core.experiments.sweep import USABLE_WITHIN, SweepResult
 from bn_core.figures import (
     GUIDE_COLOR,
+    SIDE_BY_SIDE_GAP,
     STEP_AXIS,
     THEMES,
     ChartInfo,
@@ -381,7 +382,7 @@ def _per_layer_panels(
         rows,
         cols,
         shared_y=True,
-        horizontal_spacing=0.04,
+        horizontal_spacing=SIDE_BY_SIDE_GAP,
         vertical_spacing=_spacing(100, rows),
     )
     panels = [canvas.panel(i // cols + 1, i % cols + 1) for i in range(len(layers))]
