@@ -964,23 +964,27 @@ def histogram_overlay(
     )
 
 
+def _panel_title(canvas: _Canvas, panel: _Panel, text: str) -> None:
+    """A title above one panel, sized by the theme like make_subplots' subplot_titles
+    (placed by hand, so the cached grid does not depend on the names)."""
+    canvas.layout["annotations"].append(
+        {
+            "name": "subplot_title",
+            "text": text,
+            "xref": panel.x + " domain",
+            "yref": panel.y + " domain",
+            "x": 0.5,
+            "y": 1,
+            "xanchor": "center",
+            "yanchor": "bottom",
+            "showarrow": False,
+        }
+    )
+
+
 def _panel_titles(canvas: _Canvas, panels: Sequence[_Panel], names: Sequence[str]) -> None:
-    """A name above each panel (make_subplots' subplot_titles, placed by hand so the cached
-    grid does not depend on the names)."""
     for name, panel in zip(names, panels, strict=False):
-        canvas.layout["annotations"].append(
-            {
-                "name": "subplot_title",
-                "text": name,
-                "xref": panel.x + " domain",
-                "yref": panel.y + " domain",
-                "x": 0.5,
-                "y": 1,
-                "xanchor": "center",
-                "yanchor": "bottom",
-                "showarrow": False,
-            }
-        )
+        _panel_title(canvas, panel, name)
 
 
 def _per_layer(
@@ -1239,20 +1243,7 @@ def landscape(history: History, *, theme: str = "screen") -> go.Figure:
     canvas = _Canvas(3, 1, shared_x=True, vertical_spacing=_gap(60, 3))
     panels = [canvas.panel(r, 1) for r in (1, 2, 3)]
     titles = ("Loss variation", "Gradient predictiveness", "Effective β-smoothness")
-    for title, panel in zip(titles, panels, strict=True):
-        canvas.layout["annotations"].append(
-            {
-                "name": "subplot_title",
-                "text": title,
-                "xref": panel.x + " domain",
-                "yref": panel.y + " domain",
-                "x": 0.5,
-                "y": 1,
-                "xanchor": "center",
-                "yanchor": "bottom",
-                "showarrow": False,
-            }
-        )
+    _panel_titles(canvas, panels, titles)
     seen: list[list[np.ndarray]] = [[], [], []]
     for i, variant in enumerate(history.variants()):
         color = variant_color(variant, i)

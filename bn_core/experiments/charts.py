@@ -39,6 +39,7 @@ from bn_core.figures import (
     _finite,
     _log_axis,
     _Panel,
+    _panel_title,
     variant_color,
 )
 from bn_core.history import History
@@ -219,23 +220,6 @@ def _spacing(pixels: float, rows: int, scale: float = 1.0) -> float | None:
     if rows < 2:
         return None
     return round(pixels / (rows * scale * THEMES["screen"].panel_height), 4)
-
-
-def _panel_title(canvas: _Canvas, panel: _Panel, text: str) -> None:
-    """A title above one panel, sized by the theme like make_subplots' titles."""
-    canvas.layout["annotations"].append(
-        {
-            "name": "subplot_title",
-            "text": text,
-            "xref": panel.x + " domain",
-            "yref": panel.y + " domain",
-            "x": 0.5,
-            "y": 1,
-            "xanchor": "center",
-            "yanchor": "bottom",
-            "showarrow": False,
-        }
-    )
 
 
 def _vline(canvas: _Canvas, panel: _Panel, x: float, text: str, dash: str = "dash") -> None:
