@@ -1124,9 +1124,9 @@ def percentile_bands(
 ) -> go.Figure:
     """Ioffe & Szegedy Fig. 1(b)/(c): 15/50/85th percentiles of the sigmoid input.
 
-    One panel per variant, shared y, at most three side by side (five in a row left each
-    about 45 px on a projector with the sidebar open: step labels on end and axis titles
-    run together). ``unit=True`` (the default) follows the one probed unit, as the paper
+    One panel per variant, shared y, at most three side by side: five in a row left each
+    panel about 45 px on a projector with the sidebar open, too narrow for its step labels
+    and axis title. ``unit=True`` (the default) follows the one probed unit, as the paper
     does; ``unit=False`` pools all units of the layer, with TensorBoard's nested bands
     (min-max, ±1.5, ±1, ±0.5 sigma) lightly shaded.
     """
