@@ -831,7 +831,9 @@ def _evenly_spaced_columns(n: int, max_columns: int) -> np.ndarray:
 def preact_heatmaps(
     history: History, *, kind: str = "preact", max_columns: int = 200, theme: str = "screen"
 ) -> go.Figure:
-    """Histograms over steps as heatmaps (TensorBoard's offset view): layers x variants.
+    """Histograms over steps as heatmaps (TensorBoard's offset view): a row per layer and
+    a column per variant, or the other way round for more than three variants and fewer
+    layers (five variant names above five narrow columns ran into each other).
 
     Color is the density of values in each step's histogram, scaled per step so its peak
     is darkest, and sent as uint8 so the figure stays small. By default every histogram
@@ -840,15 +842,17 @@ def preact_heatmaps(
     """
     _check_theme(theme)
     variants, layers = history.variants(), history.layers()
+    variant_rows = len(variants) > 3 and len(variants) > len(layers)
+    row_names, column_names = (variants, layers) if variant_rows else (layers, variants)
     canvas = _Canvas(
-        max(len(layers), 1),
-        max(len(variants), 1),
+        max(len(row_names), 1),
+        max(len(column_names), 1),
         shared_x=True,
         shared_y=True,
-        column_titles=variants,
-        row_titles=layers,
+        column_titles=column_names,
+        row_titles=row_names,
         horizontal_spacing=SIDE_BY_SIDE_GAP,
-        vertical_spacing=_gap(28, len(layers)),
+        vertical_spacing=_gap(28, len(row_names)),
     )
     # Deep nets: shorter rows, so all layers fit on a screen or two.
     canvas.panel_scale = 1.0 if canvas.rows <= 3 else max(0.6, 3 / canvas.rows)
@@ -864,7 +868,7 @@ def preact_heatmaps(
                 continue
             keep = _evenly_spaced_columns(len(steps), max_columns)
             canvas.add(
-                canvas.panel(r + 1, c + 1),
+                canvas.panel(c + 1, r + 1) if variant_rows else canvas.panel(r + 1, c + 1),
                 {
                     "type": "heatmap",
                     "x": steps[keep],

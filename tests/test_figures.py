@@ -326,6 +326,34 @@ def synthetic_history(n_hist=200, bins=60, variants=("plain", "batchnorm"), laye
     return h
 
 
+@pytest.mark.parametrize(
+    ("variants", "layers", "variant_rows"),
+    [
+        (("plain", "batchnorm"), 3, False),
+        (("plain", "batchnorm", "layernorm"), 5, False),
+        (("plain", "batchnorm", "layernorm", "groupnorm", "rmsnorm"), 3, True),
+        (("plain", "batchnorm", "layernorm", "groupnorm"), 5, False),
+    ],
+)
+def test_heatmaps_put_many_variants_in_rows(variants, layers, variant_rows):
+    """A column per variant, unless more than three variants would stand beside fewer
+    layers: then a row per variant, so no name sits above a column too narrow for it."""
+    h = synthetic_history(n_hist=20, variants=variants, layers=layers)
+    fig = figures.preact_heatmaps(h)
+    rows, columns = (variants, h.layers()) if variant_rows else (h.layers(), variants)
+    titles = [a for a in fig.layout.annotations if a.name == "subplot_title"]
+    # Column titles along the top, left to right; row titles turned along the right edge.
+    on_top = sorted((a for a in titles if a.textangle != 90), key=lambda a: a.x)
+    on_right = sorted((a for a in titles if a.textangle == 90), key=lambda a: -a.y)
+    assert [a.text for a in on_top] == list(columns)
+    assert [a.text for a in on_right] == list(rows)
+    for trace in (t for t in fig.data if t.type == "heatmap"):
+        variant, layer = trace.hovertemplate.split("<extra>")[1].removesuffix("</extra>").split()
+        row, col = (variant, layer) if variant_rows else (layer, variant)
+        n = list(rows).index(row) * len(columns) + list(columns).index(col) + 1
+        assert trace.xaxis == ("x" if n == 1 else f"x{n}"), (variant, layer)
+
+
 def test_heatmap_json_stays_small():
     """A run's default 200 histograms are all shown, in a figure that stays small."""
     h = synthetic_history()
